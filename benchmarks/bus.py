@@ -1,0 +1,115 @@
+"""Bus.call against raw nats-py request/reply on the same embedded server, in one run.
+
+Prints sequential round-trip p50/p99 and throughput with many calls in flight;
+the last line is one JSON object with the figures and the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import anyio
+
+from channels.bus import Bus
+from channels.messages import Call
+from channels.server import embedded_server
+
+
+def pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(p * len(xs)))]
+
+
+async def sequential(fn, n: int) -> list[float]:
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        await fn()
+        times.append(time.perf_counter() - t)
+    return times
+
+
+async def in_flight(fn, n: int) -> float:
+    t = time.perf_counter()
+    async with anyio.create_task_group() as tg:
+        for _ in range(n):
+            tg.start_soon(fn)
+    return n / (time.perf_counter() - t)
+
+
+async def main(n_seq: int, n_par: int, rounds: int) -> dict[str, float]:
+    async with embedded_server() as srv:
+        server = await Bus.connect(srv.url, session="bench", name="echo")
+        client = await Bus.connect(srv.url, session="bench", name="client")
+        raw_srv = await Bus.connect(srv.url, session="bench", name="raw")
+
+        async def echo(call: Call) -> str:
+            return call.prompt
+
+        async def raw_cb(msg) -> None:
+            await raw_srv.nc.publish(msg.reply, msg.data)
+
+        await raw_srv.nc.subscribe("raw.echo", cb=raw_cb)
+        async with anyio.create_task_group() as tg:
+            await tg.start(
+                lambda task_status: server.serve(
+                    "echo", echo, concurrency=1000, task_status=task_status
+                )
+            )
+
+            async def bus_call() -> None:
+                await client.call("echo", "ping", timeout=30)
+
+            async def raw_call() -> None:
+                await client.nc.request("raw.echo", b"ping" * 40, timeout=30)
+
+            # warm up both paths
+            await sequential(bus_call, 200)
+            await sequential(raw_call, 200)
+            bus_seq, raw_seq, bus_tp, raw_tp = [], [], [], []
+            for r in range(rounds):  # interleave so noise hits both alike
+                bus_seq += await sequential(bus_call, n_seq)
+                raw_seq += await sequential(raw_call, n_seq)
+                bus_tp.append(await in_flight(bus_call, n_par))
+                raw_tp.append(await in_flight(raw_call, n_par))
+                print(f"round {r + 1}/{rounds} done", flush=True)
+            tg.cancel_scope.cancel()
+        for b in (server, client, raw_srv):
+            await b.close()
+
+    fig = {
+        "bus_p50_us": statistics.median(bus_seq) * 1e6,
+        "bus_p99_us": pct(bus_seq, 0.99) * 1e6,
+        "raw_p50_us": statistics.median(raw_seq) * 1e6,
+        "raw_p99_us": pct(raw_seq, 0.99) * 1e6,
+        "bus_calls_per_s": statistics.median(bus_tp),
+        "raw_calls_per_s": statistics.median(raw_tp),
+        "in_flight": n_par,
+    }
+    fig["p50_ratio_bus_over_raw"] = fig["bus_p50_us"] / fig["raw_p50_us"]
+    fig["throughput_ratio_bus_over_raw"] = fig["bus_calls_per_s"] / fig["raw_calls_per_s"]
+    fig = {k: round(v, 3) for k, v in fig.items()}
+    print(
+        f"Bus.call   p50 {fig['bus_p50_us']:8.1f} us   p99 {fig['bus_p99_us']:8.1f} us   "
+        f"{fig['bus_calls_per_s']:8.0f} calls/s with {n_par} in flight"
+    )
+    print(
+        f"raw nats   p50 {fig['raw_p50_us']:8.1f} us   p99 {fig['raw_p99_us']:8.1f} us   "
+        f"{fig['raw_calls_per_s']:8.0f} calls/s with {n_par} in flight"
+    )
+    print(
+        f"ratio p50 {fig['p50_ratio_bus_over_raw']:.2f}x, throughput {fig['throughput_ratio_bus_over_raw']:.2f}x"
+    )
+    return fig
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--seq", type=int, default=1000, help="sequential calls per round")
+    ap.add_argument("--in-flight", type=int, default=1000, help="concurrent calls per round")
+    ap.add_argument("--rounds", type=int, default=5)
+    a = ap.parse_args()
+    print(json.dumps(anyio.run(main, a.seq, a.in_flight, a.rounds)))

@@ -1,0 +1,1 @@
+"""Declaring councils, running sessions, recording and replay, the CLI."""

@@ -1,0 +1,65 @@
+"""Fixtures: a real nats-server for the whole run, buses on it, and helpers for processes."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+
+import pytest
+
+from channels.bus import Bus
+from channels.server import NatsServer, running_server
+
+
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    return "asyncio"  # nats-py is asyncio-only
+
+
+@pytest.fixture(scope="session")
+def nats_server() -> Iterator[NatsServer]:
+    with running_server() as server:
+        yield server
+
+
+@pytest.fixture
+def own_server() -> Iterator[NatsServer]:
+    """A server this test may restart or stop without disturbing the others."""
+    with running_server() as server:
+        yield server
+
+
+@pytest.fixture
+def session_id() -> str:
+    return "t" + uuid.uuid4().hex[:10]
+
+
+@pytest.fixture
+async def connect(nats_server: NatsServer, session_id: str) -> AsyncIterator[Callable[..., object]]:
+    """`await connect("name")` gives a Bus in this test's session, closed after the test."""
+    opened: list[Bus] = []
+
+    async def _connect(name: str, *, url: str | None = None, session: str | None = None) -> Bus:
+        bus = await Bus.connect(url or nats_server.url, session=session or session_id, name=name)
+        opened.append(bus)
+        return bus
+
+    yield _connect
+    for bus in opened:
+        await bus.close()
+
+
+def pid_alive(pid: int) -> bool:
+    """True while `pid` is a live process (a zombie counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")
+
+
+@pytest.fixture
+def clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
