@@ -53,6 +53,18 @@ DEFAULT_TIMEOUT = 600.0
 DEFAULT_CONCURRENCY = 64
 
 
+async def settle(nc: NATS) -> None:
+    """Return once the server has processed everything this connection sent so far.
+
+    nats-py writes a flush's PING straight to the socket, ahead of commands still in its
+    buffer, so one `flush()` can come back before the server has seen a SUB sent just
+    before it (a peer that is "serving" yet answers no one). The second PING is written
+    after the first round trip, by which time the buffer has gone out ahead of it.
+    """
+    await nc.flush()
+    await nc.flush()
+
+
 class Bus:
     def __init__(
         self, nc: NATS, *, session: str, name: str, default_timeout: float = DEFAULT_TIMEOUT
@@ -311,7 +323,7 @@ class _Server:
             await nc.subscribe(subjects.cancel(self.bus.session, self.peer), cb=self._on_cancel),
         ]
         try:
-            await nc.flush()
+            await settle(nc)
             task_status.started()
             self.log.info("serving")
             await anyio.sleep_forever()

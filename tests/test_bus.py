@@ -335,3 +335,13 @@ async def test_connect_to_nothing_says_what_to_do():
 def test_encode_is_what_decode_reads():
     call = Call(session="s", caller="a", callee="b", prompt="p")
     assert decode(encode(call)) == call
+
+
+async def test_a_peer_answers_as_soon_as_serve_has_started(connect):
+    """nats-py's flush can overtake a buffered SUB; `serve` must not report ready before it."""
+    server, client = await connect("many"), await connect("client")
+    for i in range(300):
+        async with anyio.create_task_group() as tg:
+            await tg.start(server.serve, f"p{i}", echo)
+            assert (await client.call(f"p{i}", "now", timeout=5)).value["prompt"] == "now"
+            tg.cancel_scope.cancel()
