@@ -23,6 +23,8 @@ class PeerSpec:
     name: str
     description: str = ""
     signature: str = "(prompt: str, context=None) -> str"
+    target: str | None = None  # the peer called on the bus, when it differs from `name`
+    concurrency: int = 64  # calls from one REPL to this peer in flight at once
 
 
 def code_blocks(reply: str) -> list[str]:

@@ -3,7 +3,9 @@
 A `Bus` is one NATS connection acting for one named party (a peer, a worker, a
 human endpoint) in one session. `call` sends a `Call` and returns the `Reply` or
 raises the `CallFailed` subclass for the failure's kind; `serve` answers calls
-for a peer name, many at once, until cancelled.
+for a peer name, many at once, until cancelled. `await bus.store()` is the session's
+shared store on the same connection; a call or reply bigger than `spill_threshold` sends
+its big values through it as `Ref`s (a spilled reply is read back for the caller).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import nats.errors
 from anyio.abc import TaskStatus
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from pydantic_core import to_json
 
 from channels import log, subjects
 from channels.errors import (
@@ -36,12 +39,14 @@ from channels.messages import (
     Cancel,
     Event,
     Failure,
+    Ref,
     Reply,
     Usage,
     Value,
     decode,
     encode,
 )
+from channels.store import Store
 
 _log = log.get("council.bus")
 
@@ -51,6 +56,9 @@ a `CallFailed` subclass to fail with that kind, anything else to fail with `peer
 
 DEFAULT_TIMEOUT = 600.0
 DEFAULT_CONCURRENCY = 64
+SPILL_THRESHOLD = 256 * 1024
+"""A Call or Reply that would encode bigger than this sends its big values as store Refs:
+well under the default max_payload (1 MiB), so a message never gets near the limit."""
 
 
 async def settle(nc: NATS) -> None:
@@ -73,6 +81,14 @@ class Bus:
         self.session = subjects.check_name(session, "session")
         self.name = subjects.check_name(name, "peer name")
         self.default_timeout = default_timeout
+        # Permission refusals arrive asynchronously (an -ERR, via error_cb), never as a reply:
+        # calls to a subject not yet seen answered wait for either, so a refused call fails
+        # at once with PermissionDenied instead of timing out. Known-good subjects skip this.
+        self._routed: set[str] = set()
+        self._refusal_waiters: dict[str, set[asyncio.Future[str]]] = {}
+        self.spill_threshold = SPILL_THRESHOLD
+        self._store: Store | None = None
+        self._store_lock: anyio.Lock | None = None
 
     @classmethod
     async def connect(
@@ -90,8 +106,12 @@ class Bus:
         subjects.check_name(name, "peer name")
         bound = _log.bind(session=session, peer=name)
 
+        made: list[Bus] = []  # the Bus, once built: it settles calls the server refused
+
         async def on_error(e: Exception) -> None:
             bound.warning("nats.error", error=str(e) or type(e).__name__)
+            if made:
+                made[0]._on_nats_error(e)
 
         async def on_disconnect() -> None:
             bound.info("nats.disconnected")
@@ -120,12 +140,41 @@ class Bus:
                 f"cannot connect to NATS at {url}: {e or type(e).__name__}; start one (`council run` embeds one) "
                 "or pass the right --nats URL"
             ) from e
-        return cls(nc, session=session, name=name, default_timeout=default_timeout)
+        bus = cls(nc, session=session, name=name, default_timeout=default_timeout)
+        made.append(bus)
+        return bus
 
     async def close(self) -> None:
         if not self.nc.is_closed:
             with anyio.CancelScope(shield=True):
                 await self.nc.drain()
+
+    async def store(self) -> Store:
+        """The shared store of this bus's session, on this bus's connection (opened once)."""
+        if self._store is None:
+            if self._store_lock is None:
+                self._store_lock = anyio.Lock()
+            async with self._store_lock:
+                if self._store is None:
+                    self._store = await Store.open(self.nc, scope=self.session)
+        return self._store
+
+    async def _spill_call(self, call: Call, size: int) -> Call:
+        """Move the biggest of the context and the args to the store until the call is small."""
+        store = await self.store()
+        parts: dict[str | None, Any] = {None: call.context, **call.args}  # None: the context
+        sizes = {
+            k: n
+            for k, v in parts.items()
+            if v is not None and not isinstance(v, Ref) and (n := len(_json_bytes(v))) > 1024
+        }
+        for key in sorted(sizes, key=sizes.__getitem__, reverse=True):
+            if size <= self.spill_threshold:
+                break
+            parts[key] = await store.put(parts[key])
+            size -= sizes[key]
+        context = parts.pop(None)
+        return call.model_copy(update={"context": context, "args": parts})
 
     async def __aenter__(self) -> Bus:
         return self
@@ -172,17 +221,27 @@ class Bus:
         args: dict[str, Any] | None = None,
         timeout: float | None = None,
         parent: Call | None = None,
+        keep_refs: bool = False,
     ) -> Reply:
         return await self.send(
             self.make_call(
                 callee, prompt, context=context, args=args, timeout=timeout, parent=parent
-            )
+            ),
+            keep_refs=keep_refs,
         )
 
-    async def send(self, call: Call) -> Reply:
-        """Send a prepared `Call`; return its `Reply` or raise the failure's typed error."""
+    async def send(self, call: Call, *, keep_refs: bool = False) -> Reply:
+        """Send a prepared `Call`; return its `Reply` or raise the failure's typed error.
+
+        A call bigger than `spill_threshold` travels with its context (then its biggest args)
+        as store Refs. A reply the callee's bus spilled is read back from the store, unless
+        `keep_refs` (then `reply.value` is the Ref and `reply.spilled` is True).
+        """
         subject = subjects.call(call.session, call.callee)
         data = encode(call)
+        if len(data) > self.spill_threshold:
+            call = await self._spill_call(call, len(data))
+            data = encode(call)
         remaining = call.remaining()
         if remaining is None:
             remaining = self.default_timeout
@@ -198,7 +257,7 @@ class Bus:
                 f"{self.nc.max_payload}; pass large data as context= so it travels by reference"
             )
         try:
-            msg = await self.nc.request(subject, data, timeout=remaining)
+            msg = await self._request(subject, data, remaining)
         except nats.errors.NoRespondersError:
             raise Unavailable(
                 f"no peer named {call.callee!r} is serving in session {call.session!r}; "
@@ -223,7 +282,8 @@ class Bus:
         except nats.errors.Error as e:
             if "permissions violation" in str(e).lower():
                 raise PermissionDenied(
-                    f"{call.caller!r} may not call {call.callee!r}: {e}",
+                    f"{call.caller!r} may not call {call.callee!r} (the server refused: {e}); "
+                    f"if it should, add {call.callee!r} to {call.caller!r}'s calls in the council",
                     call_id=call.id,
                     callee=call.callee,
                 ) from None
@@ -245,7 +305,43 @@ class Bus:
                 call_id=call.id,
                 callee=call.callee,
             )
+        if answer.spilled and not keep_refs and isinstance(answer.value, Ref):
+            value = await (await self.store()).get(answer.value)
+            answer = answer.model_copy(update={"value": value, "spilled": False})
         return answer
+
+    async def _request(self, subject: str, data: bytes, timeout: float) -> Msg:
+        if subject in self._routed:
+            return await self.nc.request(subject, data, timeout=timeout)
+        refused: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        # nats-py lowercases the server's error text, so refusals are matched by lower case.
+        waiters = self._refusal_waiters.setdefault(subject.lower(), set())
+        waiters.add(refused)
+        request = asyncio.ensure_future(self.nc.request(subject, data, timeout=timeout))
+        try:
+            await asyncio.wait({request, refused}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiters.discard(refused)
+            if not waiters:
+                self._refusal_waiters.pop(subject.lower(), None)
+            if not request.done():
+                request.cancel()
+                request.add_done_callback(_consume)
+        if refused.done():
+            raise nats.errors.Error(refused.result())  # mapped to PermissionDenied by send()
+        error = request.exception()
+        if error is None or isinstance(error, nats.errors.NoRespondersError):
+            self._routed.add(subject)  # the server let it through: publishing is allowed
+        return request.result()
+
+    def _on_nats_error(self, e: Exception) -> None:
+        text = str(e)
+        if "permissions violation for publish to" not in text.lower():
+            return
+        subject = text.rsplit(" to ", 1)[-1].strip().strip('"').lower()
+        for waiter in self._refusal_waiters.get(subject, ()):
+            if not waiter.done():
+                waiter.set_result(text)
 
     async def _cancel(self, call: Call, reason: str) -> None:
         with anyio.CancelScope(shield=True):
@@ -284,6 +380,15 @@ class Bus:
         """
         server = _Server(self, peer, handler, concurrency)
         await server.run(task_status)
+
+
+def _json_bytes(value: Any) -> bytes:
+    return to_json(value, by_alias=True)
+
+
+def _consume(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 class _Server:
@@ -353,6 +458,8 @@ class _Server:
             if not msg.reply:
                 return
             data = encode(answer)
+            if len(data) > self.bus.spill_threshold:
+                data = await self._spill(answer, data)
             if len(data) > self.bus.nc.max_payload:
                 data = encode(
                     Failure(
@@ -367,6 +474,29 @@ class _Server:
             self.log.error("reply.not_sent", error=str(e), exc_info=True)
         finally:
             self.limiter.release()
+
+    async def _spill(self, answer: Reply | Failure, data: bytes) -> bytes:
+        """Put a big reply value (or failure partial) in the store and send its Ref."""
+        try:
+            store = await self.bus.store()
+            if isinstance(answer, Reply) and not isinstance(answer.value, Ref):
+                ref = await store.put(answer.value)
+                return encode(answer.model_copy(update={"value": ref, "spilled": True}))
+            if isinstance(answer, Failure) and not isinstance(answer.partial, Ref):
+                return encode(
+                    answer.model_copy(update={"partial": await store.put(answer.partial)})
+                )
+        except Exception as e:
+            self.log.error("reply.not_spilled", call=answer.id, error=str(e))
+            return encode(
+                Failure(
+                    id=answer.id,
+                    kind="peer_error",
+                    message=f"{self.peer!r} produced a {len(data)}-byte answer and the store "
+                    f"could not take it: {e}",
+                )
+            )
+        return data
 
     async def _answer(self, msg: Msg) -> Reply | Failure:
         try:

@@ -113,3 +113,22 @@ def error_for(failure: Failure, callee: str = "") -> CallFailed:
         call_id=failure.id,
         callee=callee,
     )
+
+
+class StoreError(CouncilError):
+    """The shared store could not do what was asked (see the subclasses for the kinds)."""
+
+
+class NotFound(StoreError, KeyError):
+    """No value (or named variable) under this reference in any scope this store can see."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class IntegrityError(StoreError):
+    """Stored bytes do not match their digest (corrupted or truncated): nothing is returned."""
+
+
+class UnsupportedValue(StoreError, TypeError):
+    """A value the store cannot hold: not text, bytes, or JSON-able data."""

@@ -1,4 +1,7 @@
-"""The `council` command."""
+"""The `council` command: show, run and serve councils, answer as a human, run the demo.
+
+A council is named as FILE.py:NAME (or module:NAME); NAME defaults to `council`.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +11,18 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
 
 import anyio
 
 from channels import log
 from channels.bus import Bus
+from channels.errors import CouncilError
 from channels.messages import Call, new_id
 from channels.server import embedded_server
+from council.declare import load_target
 
 
 async def _demo(nats_url: str | None) -> dict[str, object]:
@@ -53,26 +61,350 @@ async def _demo(nats_url: str | None) -> dict[str, object]:
     return result
 
 
+_TARGET_HELP = "the council: FILE.py:NAME or module:NAME (NAME defaults to 'council')"
+
+
+def _nats_args(
+    p: argparse.ArgumentParser, *, required: bool = False, embedded: bool = True
+) -> None:
+    p.add_argument(
+        "--nats",
+        default=os.environ.get("NATS_URL"),
+        required=required and not os.environ.get("NATS_URL"),
+        help="NATS server URL (default: $NATS_URL"
+        + ("; without one an embedded server is started)" if embedded else ")"),
+    )
+    p.add_argument(
+        "--user", default=os.environ.get("NATS_USER"), help="NATS user (default: $NATS_USER)"
+    )
+    p.add_argument(
+        "--password",
+        default=os.environ.get("NATS_PASSWORD"),
+        help="NATS password (default: $NATS_PASSWORD)",
+    )
+    p.add_argument(
+        "--rights",
+        metavar="PATH",
+        default=os.environ.get("COUNCIL_RIGHTS"),
+        help="credentials file from `council rights`: each connection uses its own user "
+        "(default: $COUNCIL_RIGHTS)",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="council", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="council",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--log-level", default=None, help="debug, info, warning (default), error")
-    sub = p.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run the offline demo")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="run the offline demo (one round trip on the bus)")
     demo.add_argument(
         "--nats",
         default=os.environ.get("NATS_URL"),
         help="NATS URL to use instead of an embedded server (default: $NATS_URL)",
     )
+
+    show = sub.add_parser(
+        "show",
+        help="check a council and print it as a tree",
+        description="Check a council "
+        "(every problem is listed) and print who may call whom, from the entry peer down.",
+    )
+    show.add_argument("target", metavar="FILE:council", help=_TARGET_HELP)
+    show.add_argument("--json", action="store_true", help="print the declaration as JSON")
+
+    run = sub.add_parser(
+        "run",
+        help="start a council and ask it once",
+        description="Start every peer of the council (here, on an embedded nats-server that "
+        "enforces the council's edges, unless --nats is given), ask the entry peer, print the "
+        "answer, and stop everything. Without --prompt, the request is read from the human's "
+        "terminal (or stdin).",
+    )
+    run.add_argument("target", metavar="FILE:council", help=_TARGET_HELP)
+    run.add_argument("--prompt", "-p", help="the request (default: read it from the terminal)")
+    run.add_argument("--context", "-c", metavar="PATH", help="a file whose contents are the input")
+    run.add_argument("--model", "-m", help="use this model for every agent and LLM peer")
+    _nats_args(run)
+    run.add_argument("--session", help="session id (default: a fresh one)")
+    run.add_argument(
+        "--local",
+        nargs="+",
+        metavar="PEER",
+        help="run only these peers here (the rest are served elsewhere with `council serve`)",
+    )
+    run.add_argument(
+        "--human",
+        metavar="NAME",
+        help="open the terminal endpoint for this human peer (default: the only human, if one)",
+    )
+    run.add_argument(
+        "--no-human",
+        action="store_true",
+        help="open no terminal endpoint (answer with `council human`)",
+    )
+    run.add_argument(
+        "--no-rights",
+        action="store_true",
+        help="start the embedded server without per-peer users (any peer may call any peer)",
+    )
+    run.add_argument("--timeout", type=float, default=600.0, help="seconds for the whole request")
+    run.add_argument("--json", action="store_true", help="print the result (value, usage) as JSON")
+    shown = run.add_mutually_exclusive_group()
+    shown.add_argument(
+        "--progress",
+        dest="progress",
+        action="store_true",
+        default=None,
+        help="print a line per agent turn, model call and code run (default when stderr is a terminal)",
+    )
+    shown.add_argument(
+        "--quiet", "-q", dest="progress", action="store_false", help="no progress lines"
+    )
+
+    serve = sub.add_parser(
+        "serve",
+        help="run one peer of a council, connected to a shared NATS server",
+        description="Serve one declared peer (an agent also brings its model peer) until "
+        "Ctrl-C or SIGTERM, so a council can spread over processes and machines.",
+    )
+    serve.add_argument("target", metavar="FILE:council", help=_TARGET_HELP)
+    serve.add_argument("--peer", required=True, help="the name of the peer to serve")
+    _nats_args(serve, required=True, embedded=False)
+    serve.add_argument(
+        "--session", required=True, help="the session id the rest of the council uses"
+    )
+    serve.add_argument("--model", "-m", help="use this model for the peer (agents and LLMs)")
+
+    rights = sub.add_parser(
+        "rights",
+        help="print the NATS users for a council, to configure an external server",
+        description="Print the nats-server `authorization` block that holds every peer of "
+        "the council to its edges in session S (include it in the server's config), and write "
+        "the users' passwords to a credentials file for --rights of run, serve and human.",
+    )
+    rights.add_argument("target", metavar="FILE:council", help=_TARGET_HELP)
+    rights.add_argument("--session", required=True, help="the session id the rights are for")
+    rights.add_argument(
+        "--out",
+        metavar="PATH",
+        help="where to write the credentials (default: council-rights-SESSION.json); mode 0600",
+    )
+
+    human = sub.add_parser(
+        "human",
+        help="answer a council's questions as a human peer, in this terminal",
+        description="Show the questions waiting for human NAME (who asks, a preview of the "
+        "context), read answers from stdin, and show final answers. Questions wait durably: "
+        "joining late is fine, and each question is answered once.",
+    )
+    human.add_argument("--name", default=os.environ.get("USER", "human"), help="the human peer")
+    _nats_args(human, required=True, embedded=False)
+    human.add_argument("--session", required=True, help="the session id (printed by `council run`)")
     return p
+
+
+def _load_rights(path: str | None) -> Any:
+    if not path:
+        return None
+    from channels.permissions import Rights
+
+    p = Path(path)
+    if not p.is_file():
+        raise CouncilError(f"--rights {path}: no such file; write one with `council rights`")
+    try:
+        return Rights.model_validate_json(p.read_text())
+    except ValueError as e:
+        raise CouncilError(
+            f"--rights {path} is not a credentials file from `council rights`: {e}"
+        ) from None
+
+
+def _rights(args: argparse.Namespace) -> int:
+    from channels.permissions import rights
+
+    council = load_target(args.target)
+    r = rights(args.session, council.edges(), serves=council.serves())
+    out = Path(args.out or f"council-rights-{args.session}.json")
+    out.touch(mode=0o600, exist_ok=True)
+    out.chmod(0o600)
+    out.write_text(r.model_dump_json(indent=2))
+    print(r.authorization(), end="")
+    print(f"credentials for session {args.session} written to {out}", file=sys.stderr)
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    council = load_target(args.target)
+    print(council.to_json() if args.json else council.show())
+    return 0
+
+
+def _read_context(path: str | None) -> Any:
+    if path is None:
+        return None
+    p = Path(path)
+    if not p.is_file():
+        raise CouncilError(f"--context {path}: no such file; give the path of the input file")
+    data = p.read_bytes()
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        return data
+
+
+async def _run(args: argparse.Namespace) -> int:
+    from agents.human import TerminalHuman
+    from council.declare import Human
+    from council.session import Session
+
+    council = load_target(args.target)
+    if args.model:
+        council = council.with_model(args.model)
+    humans = [p.name for p in council.peers if isinstance(p, Human)]
+    human = args.human or (humans[0] if len(humans) == 1 else None)
+    if args.human and args.human not in humans:
+        raise CouncilError(
+            f"--human {args.human}: not a human peer of this council; its humans: "
+            f"{', '.join(humans) or 'none'}"
+        )
+    if args.no_human:
+        human = None
+    endpoints = {human: TerminalHuman(human, stdout=sys.stderr)} if human else {}
+    prompt = args.prompt
+    if prompt is None:
+        print(
+            f"request{f' for {council.entry}' if council.entry else ''}> ",
+            end="",
+            file=sys.stderr,
+            flush=True,
+        )
+        prompt = sys.stdin.readline().strip()
+        if not prompt:
+            raise CouncilError("no request: pass --prompt TEXT or type it at the prompt")
+    context = _read_context(args.context)
+    credentials = (args.user, args.password) if args.user else None
+    given = _load_rights(args.rights)
+    if given is not None and not args.nats:
+        raise CouncilError("--rights is for an external server: pass its URL with --nats")
+    async with Session(
+        council,
+        nats_url=args.nats,
+        rights=given if given is not None else not args.no_rights,
+        session=args.session,
+        local=args.local,
+        humans=endpoints,
+        credentials=credentials,
+        timeout=args.timeout,
+    ) as s:
+        print(f"session {s.session} on {s.url}", file=sys.stderr)
+        progress = sys.stderr.isatty() if args.progress is None else args.progress
+        if progress:
+            from council.progress import watch
+
+            s.call_in(partial(watch, s.client))
+        if s.rights is None and args.nats is None:
+            print("rights: off (any peer may call any peer)", file=sys.stderr)
+        for name in humans:
+            if name != human:
+                desk = council.peer(name).desk  # type: ignore[union-attr]
+                user, password = s.credentials(desk)
+                creds = f"NATS_USER={user} NATS_PASSWORD={password} " if s.rights else ""
+                print(
+                    f"human {name!r} answers with: {creds}council human --name {name} "
+                    f"--nats {s.url} --session {s.session}",
+                    file=sys.stderr,
+                )
+        result = await s.ask(prompt, context=context, timeout=args.timeout, notify=human)
+    if args.json:
+        print(result.model_dump_json())
+    else:
+        value = result.value
+        print(value if isinstance(value, str) else json.dumps(value, indent=2, default=str))
+        u = result.usage
+        cost = "unknown" if u.cost is None else f"${u.cost:.4f}"
+        print(
+            f"usage: {u.tokens} tokens, {u.model_calls} model calls, cost {cost}, "
+            f"{u.wall_time:.2f}s",
+            file=sys.stderr,
+        )
+    return 0
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    from council.session import serve, until_signalled
+
+    council = load_target(args.target)
+    if args.model:
+        council = council.with_model(args.model)
+    async with anyio.create_task_group() as tg:
+        await tg.start(
+            partial(
+                serve,
+                council,
+                args.peer,
+                nats_url=args.nats,
+                session=args.session,
+                credentials=(args.user, args.password),
+                rights=_load_rights(args.rights),
+            )
+        )
+        print(f"serving {args.peer!r} in session {args.session} on {args.nats}", flush=True)
+        await until_signalled()
+        tg.cancel_scope.cancel()
+    return 0
+
+
+async def _human(args: argparse.Namespace) -> int:
+    from agents.human import TerminalHuman
+    from council.session import until_signalled
+
+    desk = f"{args.name}-desk"
+    user, password = args.user, args.password
+    if (given := _load_rights(args.rights)) is not None:
+        user, password = given.credentials(desk)
+    async with await Bus.connect(
+        args.nats, session=args.session, name=desk, user=user, password=password
+    ) as bus:
+        async with anyio.create_task_group() as tg:
+
+            async def endpoint() -> None:
+                await TerminalHuman(args.name).run(bus)
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(endpoint)
+            await until_signalled()
+            tg.cancel_scope.cancel()
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     log.configure(args.log_level)
-    if args.command == "demo":
-        result = anyio.run(_demo, args.nats)
-        print(json.dumps(result))
-        return 0
+    try:
+        if args.command == "demo":
+            result = anyio.run(_demo, args.nats)
+            print(json.dumps(result))
+            return 0
+        if args.command == "show":
+            return _show(args)
+        if args.command == "rights":
+            return _rights(args)
+        if args.command == "run":
+            return anyio.run(_run, args)
+        if args.command == "serve":
+            return anyio.run(_serve, args)
+        if args.command == "human":
+            return anyio.run(_human, args)
+    except CouncilError as e:
+        print(f"council {args.command}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"council {args.command}: interrupted", file=sys.stderr)
+        return 130
     return 2
 
 

@@ -1,0 +1,415 @@
+"""Models: one small protocol that every backend (litellm, scripted, a function) satisfies.
+
+The LLM peer only ever sees `Model.complete`, so a test's scripted model goes through
+exactly the code path a paid API does. litellm is imported lazily, and only after its
+remote price table is switched off, because importing it takes seconds and, without
+`LITELLM_LOCAL_MODEL_COST_MAP`, tries the network.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import os
+import sys
+import threading
+from collections.abc import Awaitable, Callable, Sequence
+from types import ModuleType
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import anyio
+import anyio.to_thread
+from pydantic import BaseModel, ConfigDict
+
+from channels.errors import CouncilError
+
+Messages = list[dict[str, Any]]
+
+
+class ModelResponse(BaseModel):
+    """One completion with what it cost; `cost` is None when the price is unknown."""
+
+    model_config = ConfigDict(frozen=True)
+
+    text: str
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost: float | None = None
+    model: str = ""
+
+
+@runtime_checkable
+class Model(Protocol):
+    name: str
+    context_window: int | None
+
+    async def complete(self, messages: Messages, **params: Any) -> ModelResponse: ...
+
+
+# -- errors --------------------------------------------------------------------------------
+
+
+class ModelError(CouncilError):
+    """A model call failed in a way the LLM peer knows how to report."""
+
+
+class TransientModelError(ModelError):
+    """Rate limited or unreachable: the same request may succeed later.
+
+    Raised by scripted models (and by anything wrapping a backend litellm does not know)
+    to exercise the peer's retry path; litellm's own transient errors are recognised too.
+    """
+
+    def __init__(self, message: str = "transient model error", *, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ScriptError(ModelError):
+    """A scripted model was used differently from its script: a test bug, said plainly."""
+
+
+ErrorClass = Literal["transient", "too_large", "bad_request", "fatal"]
+
+_TRANSIENT = (
+    "RateLimitError",
+    "APIConnectionError",
+    "Timeout",
+    "APITimeoutError",
+    "InternalServerError",
+    "ServiceUnavailableError",
+    "BadGatewayError",
+)
+_BAD_REQUEST = ("BadRequestError", "UnprocessableEntityError", "UnsupportedParamsError")
+
+
+def classify(exc: BaseException) -> ErrorClass:
+    """Which of the peer's responses an error deserves: retry, refuse as too large, refuse, fail.
+
+    Matching on litellm's class names along the MRO keeps litellm unimported for users of
+    scripted models, and catches its subclasses (a ContextWindowExceededError is also a
+    BadRequestError, so it is checked first).
+    """
+    if isinstance(exc, TransientModelError):
+        return "transient"
+    if isinstance(exc, ScriptError):
+        return "fatal"
+    names = [c.__name__ for c in type(exc).__mro__]
+    if "ContextWindowExceededError" in names:
+        return "too_large"
+    if any(n in _TRANSIENT for n in names):
+        return "transient"
+    if any(n in _BAD_REQUEST for n in names):
+        return "bad_request"
+    status = getattr(exc, "status_code", None)
+    if isinstance(status, int) and (status == 429 or status >= 500):
+        return "transient"
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return "transient"
+    return "fatal"
+
+
+def retry_after(exc: BaseException) -> float | None:
+    """The server's Retry-After hint in seconds, if it gave one."""
+    hint = getattr(exc, "retry_after", None)
+    if isinstance(hint, (int, float)):
+        return float(hint)
+    # litellm keeps the provider's headers on its own attribute; its `response` is rebuilt.
+    sources = (
+        getattr(exc, "litellm_response_headers", None),
+        getattr(getattr(exc, "response", None), "headers", None),
+    )
+    for headers in sources:
+        try:
+            value = headers.get("retry-after") if headers is not None else None
+            if value is not None:
+                return float(value)
+        except (AttributeError, TypeError, ValueError):
+            continue  # an HTTP date: the peer's own backoff is good enough
+    return None
+
+
+# -- token estimates ---------------------------------------------------------------------
+
+
+def estimate_tokens(text: str) -> int:
+    """About four characters a token: offline, instant at any size, and model-independent.
+
+    A real tokenizer would need a download for most models and seconds for a big context;
+    the estimate only has to be good enough to refuse a context far over the window.
+    """
+    return math.ceil(len(text) / 4)
+
+
+def message_tokens(messages: Messages) -> int:
+    return sum(estimate_tokens(_content_text(m.get("content"))) + 4 for m in messages)
+
+
+def _content_text(content: Any) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # OpenAI content parts
+        return "".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in content)
+    return str(content)
+
+
+# -- litellm -------------------------------------------------------------------------------
+
+_import_lock = threading.Lock()
+
+
+def litellm() -> ModuleType:
+    """Import litellm offline: local price table, no telemetry, no debug banners."""
+    module = sys.modules.get("litellm")
+    if module is not None and hasattr(module, "acompletion"):
+        return module
+    with _import_lock:
+        os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+        import litellm as module
+
+        module.suppress_debug_info = True
+        module.telemetry = False
+        # Its warnings (e.g. about its logging worker changing event loops) are noise here:
+        # the LLM peer reports every failure itself, as a typed error.
+        logging.getLogger("LiteLLM").setLevel(logging.ERROR)
+        return module
+
+
+class LiteLLMModel:
+    """Any litellm model string: `gpt-4o-mini`, `anthropic/...`, `ollama/...`, `openai/<name>`.
+
+    `kwargs` go to every `litellm.acompletion` call (api_base, api_key, timeout, ...). Keys
+    are read by litellm from this process's environment; nothing here ever sends them
+    over the bus. Retries are the LLM peer's job, so litellm's and the OpenAI SDK's own
+    are switched off (two retry layers would multiply the waits and hide the count).
+    """
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        name: str | None = None,
+        context_window: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if not isinstance(model, str) or not model.strip():
+            raise ModelError(f"a litellm model string is required, got {model!r}")
+        self.model = model
+        self.name = name or model
+        self.kwargs = kwargs
+        self._context_window = context_window
+        self._looked_up = context_window is not None
+
+    def __repr__(self) -> str:
+        return f"LiteLLMModel({self.model!r})"
+
+    async def prepare(self) -> None:
+        """Import litellm and look up the window in a thread: seconds the event loop keeps."""
+        await anyio.to_thread.run_sync(lambda: self.context_window)
+
+    @property
+    def context_window(self) -> int | None:
+        """From litellm's local model table; None for a model it does not list."""
+        if not self._looked_up:
+            self._looked_up = True
+            try:
+                info = litellm().get_model_info(self.model)
+                window = info.get("max_input_tokens") or info.get("max_tokens")
+                self._context_window = int(window) if window else None
+            except Exception:
+                self._context_window = None
+        return self._context_window
+
+    @context_window.setter
+    def context_window(self, value: int | None) -> None:
+        self._context_window = value
+        self._looked_up = True
+
+    async def complete(self, messages: Messages, **params: Any) -> ModelResponse:
+        lib = litellm()
+        options = {"max_retries": 0, "num_retries": 0, **self.kwargs, **params}
+        response = await lib.acompletion(model=self.model, messages=messages, **options)
+        choice = response.choices[0]
+        text = getattr(choice.message, "content", None) or ""
+        usage = getattr(response, "usage", None)
+        input_tokens = int(getattr(usage, "prompt_tokens", 0) or 0)
+        output_tokens = int(getattr(usage, "completion_tokens", 0) or 0)
+        return ModelResponse(
+            text=text,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            cost=self.cost(input_tokens, output_tokens, response),
+            model=getattr(response, "model", None) or self.model,
+        )
+
+    def cost(self, input_tokens: int, output_tokens: int, response: Any = None) -> float | None:
+        """Dollars for this many tokens, when litellm knows the price; None otherwise."""
+        lib = litellm()
+        try:
+            if response is not None:
+                return float(lib.completion_cost(completion_response=response, model=self.model))
+            prompt, completion = lib.cost_per_token(
+                model=self.model, prompt_tokens=input_tokens, completion_tokens=output_tokens
+            )
+            return float(prompt + completion)
+        except Exception:
+            return None
+
+
+# -- scripted models -----------------------------------------------------------------------
+
+
+def _response(
+    out: Any, messages: Messages, name: str, usage: tuple[int, int] | None, cost: float | None
+) -> ModelResponse:
+    if isinstance(out, ModelResponse):
+        return out
+    if not isinstance(out, str):
+        raise ScriptError(
+            f"scripted model {name!r} produced a {type(out).__name__}, not a str or "
+            "ModelResponse; return the reply text"
+        )
+    input_tokens, output_tokens = usage or (message_tokens(messages), estimate_tokens(out))
+    return ModelResponse(
+        text=out,
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        cost=cost,
+        model=name,
+    )
+
+
+class ScriptedModel:
+    """Replies in order; each a str, a ModelResponse, a callable(messages), or an exception.
+
+    Usage is deterministic: `usage=(input, output)` per call if given, else the
+    four-characters-a-token estimate of the messages and the reply. Scripted models are
+    free, so cost is 0.0 unless set. Calling it once more than scripted, or ending a test
+    with replies unused (`assert_done`), is a `ScriptError` that shows where it went wrong.
+    """
+
+    def __init__(
+        self,
+        replies: Sequence[Any],
+        *,
+        name: str = "scripted",
+        context_window: int | None = None,
+        usage: tuple[int, int] | None = None,
+        cost: float | None = 0.0,
+    ) -> None:
+        if isinstance(replies, (str, bytes)):
+            raise ScriptError("ScriptedModel takes a list of replies, not a single string")
+        self.replies = list(replies)
+        self.name = name
+        self.context_window = context_window
+        self.usage = usage
+        self.cost = cost
+        self.calls: list[Messages] = []
+
+    def __repr__(self) -> str:
+        return f"ScriptedModel({self.name!r}, {len(self.calls)}/{len(self.replies)} used)"
+
+    @property
+    def remaining(self) -> int:
+        return len(self.replies) - len(self.calls)
+
+    async def complete(self, messages: Messages, **params: Any) -> ModelResponse:
+        n = len(self.calls)
+        self.calls.append(messages)
+        if n >= len(self.replies):
+            last = _content_text(messages[-1].get("content")) if messages else ""
+            raise ScriptError(
+                f"scripted model {self.name!r} has {len(self.replies)} replies but was called a "
+                f"{_ordinal(n + 1)} time; the unexpected request ended with: {last[:200]!r}. "
+                "Add a reply to the script or find why the code calls the model again."
+            )
+        step = self.replies[n]
+        if isinstance(step, BaseException):
+            raise step
+        if callable(step) and not isinstance(step, ModelResponse):
+            step = step(messages)
+            if inspect.isawaitable(step):
+                step = await step
+        return _response(step, messages, self.name, self.usage, self.cost)
+
+    def assert_done(self) -> None:
+        """Fail when scripted replies were never asked for (the code took a shorter path)."""
+        if self.remaining > 0:
+            raise ScriptError(
+                f"scripted model {self.name!r} used {len(self.calls)} of {len(self.replies)} "
+                f"replies; the next unused one is {self.replies[len(self.calls)]!r}"
+            )
+
+
+class FunctionModel:
+    """A function as a model: fn(messages, **params) -> str | ModelResponse, sync or async.
+
+    A sync function runs on the event loop, not in a thread: scripted functions are quick,
+    and inline calls keep a script's shared state (an iterator, a list) free of races.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[..., str | ModelResponse | Awaitable[str | ModelResponse]],
+        *,
+        name: str | None = None,
+        context_window: int | None = None,
+        usage: tuple[int, int] | None = None,
+        cost: float | None = 0.0,
+    ) -> None:
+        if not callable(fn):
+            raise ScriptError(f"FunctionModel needs a callable, got {fn!r}")
+        self.fn = fn
+        self.name = name or getattr(fn, "__name__", "function")
+        self.context_window = context_window
+        self.usage = usage
+        self.cost = cost
+        self._takes_params = _accepts_keywords(fn)
+
+    def __repr__(self) -> str:
+        return f"FunctionModel({self.name!r})"
+
+    async def complete(self, messages: Messages, **params: Any) -> ModelResponse:
+        out = self.fn(messages, **params) if self._takes_params else self.fn(messages)
+        if inspect.isawaitable(out):
+            out = await out
+        return _response(out, messages, self.name, self.usage, self.cost)
+
+
+def _accepts_keywords(fn: Callable[..., Any]) -> bool:
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(p.kind is p.VAR_KEYWORD for p in parameters) or len(list(parameters)) > 1
+
+
+def _ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
+def as_model(spec: Any, **litellm_kwargs: Any) -> Model:
+    """Whatever a user wrote where a model goes: a litellm string, a model, a function, a script."""
+    if isinstance(spec, str):
+        return LiteLLMModel(spec, **litellm_kwargs)
+    if litellm_kwargs:
+        raise ModelError(
+            f"litellm options {sorted(litellm_kwargs)} only apply to a model string, "
+            f"not to {type(spec).__name__}"
+        )
+    if isinstance(spec, (LiteLLMModel, ScriptedModel, FunctionModel)):
+        return spec  # before the Protocol check, which would touch context_window (an import)
+    if isinstance(spec, Model):
+        return spec
+    if isinstance(spec, (list, tuple)):
+        return ScriptedModel(spec)
+    if callable(spec):
+        return FunctionModel(spec)
+    raise ModelError(
+        f"cannot use {spec!r} as a model: pass a litellm model string (e.g. 'gpt-4o-mini'), "
+        "a Model, a function of the messages, or a list of scripted replies"
+    )

@@ -1,0 +1,170 @@
+"""Replay of a 1,000-call cassette against the same run live, in one run.
+
+An agent peer (a plain handler standing in for an RLM agent) answers one request by
+fanning out N model calls (at most 100 in flight) to an "llm" peer and a last question
+to a "human" peer. Measured, each as the median of --rounds:
+
+- live:           instant scripted llm and human, no recorder (the baseline)
+- live_recorded:  the same with the recorder on (its overhead on the session)
+- replay:         llm and human answered from the cassette (load + index + run)
+
+Target: replay <= 5 s for 1,000 calls. The last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import anyio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from channels.bus import Bus
+from channels.messages import Call, Reply, Usage
+from channels.server import embedded_server
+from council.cassette import Cassette
+from council.record import Recorder
+from council.replay import Replayer
+
+IN_FLIGHT = 100
+STOPS: list[float] = []  # recorder.stop(): settle, drain, end record, fsync
+
+
+async def instant_llm(call: Call) -> Reply:
+    n = len(call.prompt.split())
+    return Reply(
+        value=f"summary of {n} words", usage=Usage(input_tokens=n, output_tokens=4, model_calls=1)
+    )
+
+
+async def instant_human(call: Call) -> str:
+    return "approved"
+
+
+def agent(bus: Bus, n: int):
+    async def handler(call: Call) -> Reply:
+        out: list[str] = [""] * n
+        usage = Usage()
+        limit = anyio.Semaphore(IN_FLIGHT)
+
+        async def one(i: int) -> None:
+            nonlocal usage
+            async with limit:
+                r = await bus.call("llm", f"summarise chunk {i} of {call.prompt}", parent=call)
+            out[i] = r.value
+            usage = usage + r.usage
+
+        async with anyio.create_task_group() as tg:
+            for i in range(n):
+                tg.start_soon(one, i)
+        ok = await bus.call("human", f"{n} summaries ready; publish?", parent=call)
+        return Reply(value={"answer": ok.value, "summaries": len(out)}, usage=usage)
+
+    return handler
+
+
+async def run_once(
+    url: str,
+    session: str,
+    n: int,
+    *,
+    record: Path | None = None,
+    replay: Path | None = None,
+) -> tuple[float, Reply, Replayer | None]:
+    buses = {
+        name: await Bus.connect(url, session=session, name=name)
+        for name in ("user", "agent", "llm", "human", "recorder")
+    }
+    replayer = None
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(buses["agent"].serve, "agent", agent(buses["agent"], n))
+            recorder = None
+            if record is not None:
+                recorder = Recorder(buses["recorder"].nc, session, record, replay=["llm", "human"])
+                await recorder.start()
+            t0 = time.perf_counter()
+            if replay is None:
+                await tg.start(buses["llm"].serve, "llm", instant_llm)
+                await tg.start(buses["human"].serve, "human", instant_human)
+                reply = await buses["user"].call("agent", "the annual report", timeout=120)
+            else:
+                replayer = Replayer(replay)
+                async with replayer.serving(url, session):
+                    reply = await buses["user"].call("agent", "the annual report", timeout=120)
+            elapsed = time.perf_counter() - t0  # the session as its user sees it
+            if recorder is not None:
+                t1 = time.perf_counter()
+                await recorder.stop()
+                STOPS.append(time.perf_counter() - t1)
+            tg.cancel_scope.cancel()
+    finally:
+        for b in buses.values():
+            await b.close()
+    return elapsed, reply, replayer
+
+
+async def main(n: int, rounds: int) -> dict[str, object]:
+    tmp = Path(tempfile.mkdtemp(prefix="council-replay-bench-"))
+    cassette = tmp / "bench.jsonl"
+    live, recorded, replayed, loads = [], [], [], []
+    async with embedded_server() as srv:
+        await run_once(srv.url, "warm", n)  # warm-up, not counted
+        for r in range(rounds):
+            t, _, _ = await run_once(srv.url, f"live{r}", n)
+            live.append(t)
+            t, rec_reply, _ = await run_once(srv.url, f"rec{r}", n, record=cassette)
+            recorded.append(t)
+        t0 = time.perf_counter()
+        loaded = Cassette.load(cassette)
+        Replayer(loaded)
+        loads.append(time.perf_counter() - t0)
+        calls = sum(1 for e in loaded.entries if e.kind == "call")
+        for r in range(rounds):
+            t, rep_reply, replayer = await run_once(srv.url, f"rep{r}", n, replay=cassette)
+            replayed.append(t)
+            assert replayer is not None
+            replayer.check(strict=True)
+            assert rep_reply.value == rec_reply.value, (rep_reply.value, rec_reply.value)
+            assert rep_reply.usage.tokens == rec_reply.usage.tokens
+    fig: dict[str, object] = {
+        "model_calls": n,
+        "recorded_calls": calls,
+        "rounds": rounds,
+        "live_s": round(statistics.median(live), 4),
+        "live_recorded_s": round(statistics.median(recorded), 4),
+        "replay_s": round(statistics.median(replayed), 4),
+        "replay_load_index_s": round(statistics.median(loads), 4),
+        "recorder_stop_s": round(statistics.median(STOPS), 4),
+        "record_overhead_ratio": round(statistics.median(recorded) / statistics.median(live), 3),
+        "replay_over_live_ratio": round(statistics.median(replayed) / statistics.median(live), 3),
+        "cassette_bytes": cassette.stat().st_size,
+        "target_replay_s": 5.0,
+    }
+    fig["replay_within_target"] = fig["replay_s"] <= 5.0  # type: ignore[operator]
+    print(f"{n} model calls + 2, median of {rounds} rounds")
+    print(f"live (no recorder)   {fig['live_s']:.3f} s")
+    print(
+        f"live + recorder      {fig['live_recorded_s']:.3f} s  ({fig['record_overhead_ratio']}x; "
+        f"then stop + fsync {fig['recorder_stop_s']:.3f} s)"
+    )
+    print(
+        f"replay               {fig['replay_s']:.3f} s  ({fig['replay_over_live_ratio']}x live; "
+        f"load + index alone {fig['replay_load_index_s']:.3f} s; target <= 5 s)"
+    )
+    print(f"cassette             {fig['cassette_bytes']} bytes, {calls} calls")
+    return fig
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--calls", type=int, default=1000, help="model calls in the fan-out")
+    ap.add_argument("--rounds", type=int, default=3)
+    a = ap.parse_args()
+    print(json.dumps(anyio.run(main, a.calls, a.rounds)))

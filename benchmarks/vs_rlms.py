@@ -1,0 +1,636 @@
+"""Side by side with the paper's code (`rlms`), against the floor, on one scripted model.
+
+One scripted, instant OpenAI-compatible server (benchmarks/openai_stub.py) answers
+every framework. The task: a root model that, in its first turn, writes code fanning
+out N sub-calls over slices of `context` (in each framework's own REPL dialect), then
+answers. N = 100, 500, 1000; 16 model calls in flight everywhere. Measured in the same
+run, interleaved round by round so machine noise hits every side alike:
+
+- floor:   N direct calls with the openai client (AsyncOpenAI), 16 in flight: what any
+           framework must at least spend to make N calls to this server from Python.
+- litellm: the same N calls through litellm.acompletion, in the variants that matter
+           for our LLM peer (default; price known; the hosted_vllm route; our wrapper).
+- rlms:    the paper's package, `RLM(...).completion(context)`, in its own venv.
+- council: a Council session: an RLM agent with the `llm` peer, same task.
+
+Peak memory is measured with a 10M-token context (~40 MB of text): the peak of the
+summed RSS of the framework's whole process tree (its REPL worker and embedded
+nats-server included), sampled every 20 ms; the scripted server is not counted.
+
+rlms is installed only into benchmarks/.venv-rlms (created on first use: `pip install
+rlms openai`); it is never a dependency of this package. Each side runs in a fresh
+process per round. Wall times are medians over rounds; the last printed line is one
+JSON object with every figure.
+
+    .venv/bin/python benchmarks/vs_rlms.py              # the full run (several minutes)
+    .venv/bin/python benchmarks/vs_rlms.py --quick      # N=20,50, small context, 1 round
+
+This module imports only the standard library at the top: the same file runs as a
+worker under the rlms venv, where our packages are not installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+RLMS_VENV = HERE / ".venv-rlms"
+RLMS_PYTHON = RLMS_VENV / "bin" / "python"
+OUR_PYTHON = Path(sys.executable)
+
+CONCURRENCY = 16
+PROMPT = "Split the input, ask the sub-model about every slice, and report how many answered."
+TOKEN_CHARS = 4  # the stub counts four characters a token; so does the context size below
+
+
+# -- the input --------------------------------------------------------------------------------
+
+
+def make_context(chars: int) -> str:
+    """Deterministic prose-like text of exactly `chars` characters, built in well under a second."""
+    rng = random.Random(7)
+    words = [
+        "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9)))
+        for _ in range(2000)
+    ]
+    lines = []
+    for i in range(4000):
+        lines.append(f"{i:05d} " + " ".join(rng.choice(words) for _ in range(12)) + ".\n")
+    block = "".join(lines)
+    reps = chars // len(block) + 1
+    return (block * reps)[:chars]
+
+
+def sub_prompts(context: str, n: int) -> list[str]:
+    """What the scripted rlms root sends per slice; the floor and litellm send the same."""
+    step = -(-len(context) // n)
+    return ["SUB " + context[i * step : (i + 1) * step] for i in range(n)]
+
+
+def stub_stats(stub: str, run: str) -> dict:
+    with urllib.request.urlopen(f"{stub}/stats/{run}", timeout=10) as r:
+        return json.loads(r.read())
+
+
+def check_run(stub: str, run: str, n: int, *, roots: int) -> dict:
+    """The work was really done: n sub-calls, and the root answered in its first turn."""
+    s = stub_stats(stub, run)
+    if s.get("sub", 0) != n or s.get("root", 0) != roots or s.get("extra_root_turns", 0):
+        raise RuntimeError(f"run {run}: expected {n} sub-calls and {roots} root turn(s), got {s}")
+    return s
+
+
+# -- the sides: each makes one timed run and says what it saw ----------------------------------
+
+
+def floor_once(stub: str, run: str, n: int, context: str) -> dict:
+    """N direct chat.completions calls from the openai client, 16 in flight."""
+    import asyncio
+
+    from openai import AsyncOpenAI
+
+    prompts = sub_prompts(context, n)
+
+    async def go() -> dict:
+        client = AsyncOpenAI(base_url=f"{stub}/floor/{n}/{run}/v1", api_key="stub", max_retries=0)
+        sem = asyncio.Semaphore(CONCURRENCY)
+
+        async def one(p: str) -> str:
+            async with sem:
+                r = await client.chat.completions.create(
+                    model="sub", messages=[{"role": "user", "content": p}]
+                )
+                return r.choices[0].message.content or ""
+
+        t, c = time.perf_counter(), time.process_time()
+        out = await asyncio.gather(*(one(p) for p in prompts))
+        wall, cpu = time.perf_counter() - t, time.process_time() - c
+        assert len(out) == n and all(out)
+        await client.close()
+        return {"wall": wall, "cpu": cpu}
+
+    res = asyncio.run(go())
+    check_run(stub, run, n, roots=0)
+    return res
+
+
+LITELLM_VARIANTS = {
+    # name: (model prefix, price registered, litellm's own HTTP handler for openai/,
+    #        through agents.models.LiteLLMModel)
+    "default": ("openai", False, False, False),
+    "priced": ("openai", True, False, False),
+    "lean": ("openai", True, True, False),
+    "hosted_vllm": ("hosted_vllm", True, False, False),
+    "lean_unpriced": ("openai", False, True, False),
+    "ours": ("openai", False, False, True),
+    "ours_lean": ("openai", True, True, True),
+}
+# What the scripted models cost, when a variant tells litellm (a listed model has a price).
+PRICES = {"input_cost_per_token": 1e-7, "output_cost_per_token": 4e-7}
+# litellm sends openai/ models through the OpenAI SDK unless this is set; with it, through
+# its own aiohttp-based handler (as it already does for hosted_vllm/ and most providers).
+LEAN_ENV = "EXPERIMENTAL_OPENAI_BASE_LLM_HTTP_HANDLER"
+
+
+def litellm_once(stub: str, run: str, n: int, context: str, variant: str) -> dict:
+    """The floor's N calls through litellm.acompletion (in one of the variants above)."""
+    import asyncio
+
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    import litellm
+
+    litellm.suppress_debug_info = True
+    prefix, priced, lean, ours = LITELLM_VARIANTS[variant]
+    if lean:
+        os.environ[LEAN_ENV] = "true"
+    model = f"{prefix}/sub-{variant}"
+    if priced and not ours:
+        litellm.register_model(
+            {
+                model: {
+                    **PRICES,
+                    "litellm_provider": prefix,
+                    "mode": "chat",
+                }
+            }
+        )
+    base = f"{stub}/floor/{n}/{run}/v1"
+    prompts = sub_prompts(context, n)
+    if ours:
+        sys.path.insert(0, str(REPO))
+        from agents.models import LiteLLMModel
+
+        prices = PRICES if priced else {}
+        wrapped = LiteLLMModel(model, api_base=base, api_key="stub", **prices)
+
+        async def call(p: str) -> str:
+            return (await wrapped.complete([{"role": "user", "content": p}])).text
+
+    else:
+
+        async def call(p: str) -> str:
+            r = await litellm.acompletion(
+                model=model,
+                messages=[{"role": "user", "content": p}],
+                api_base=base,
+                api_key="stub",
+                max_retries=0,
+            )
+            return r.choices[0].message.content or ""
+
+    async def go() -> dict:
+        sem = asyncio.Semaphore(CONCURRENCY)
+
+        async def one(p: str) -> str:
+            async with sem:
+                return await call(p)
+
+        t, c = time.perf_counter(), time.process_time()
+        out = await asyncio.gather(*(one(p) for p in prompts))
+        wall, cpu = time.perf_counter() - t, time.process_time() - c
+        assert len(out) == n and all(out)
+        return {"wall": wall, "cpu": cpu}
+
+    res = asyncio.run(go())
+    check_run(stub, run, n, roots=0)
+    return res
+
+
+def rlms_once(stub: str, run: str, n: int, context: str) -> dict:
+    """The paper's package: one RLM completion, local REPL, sub-calls via llm_query_batched.
+
+    Its handler runs a batch 16 at a time (LMHandler's batch_max_concurrent default).
+    """
+    from rlm import RLM
+
+    base = f"{stub}/rlms/{n}/{run}/v1"
+    rlm = RLM(
+        backend="openai",
+        backend_kwargs={"model_name": "root", "base_url": base, "api_key": "stub"},
+        other_backends=["openai"],
+        other_backend_kwargs=[{"model_name": "sub", "base_url": base, "api_key": "stub"}],
+        environment="local",
+        max_iterations=3,
+    )
+    t = time.perf_counter()
+    out = rlm.completion(context, root_prompt=PROMPT)
+    wall = time.perf_counter() - t
+    answer = str(out.response)
+    if not answer.startswith(f"{n} answers"):
+        raise RuntimeError(f"rlms answered {answer[:200]!r}")
+    s = check_run(stub, run, n, roots=1)
+    u = out.usage_summary
+    return {
+        "wall": wall,
+        "tokens_reported": u.total_input_tokens + u.total_output_tokens,
+        "tokens_served": s["prompt_tokens"] + s["completion_tokens"],
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# THE COUNCIL SIDE. One function; everything else in this file is harness.
+# ---------------------------------------------------------------------------------------------
+
+
+def council_once(stub: str, run: str, n: int, context: str, *, lean: bool = False) -> dict:
+    """A Council session answering the same request: agent `root` (root model `openai/root`)
+    whose code calls the `llm` peer (`openai/sub`, 16 in flight) with `llm.map`.
+
+    Only `Session.ask` is timed (it puts a big context into the store first, then the
+    agent starts its REPL worker, runs the model's code, fans out, answers): the session's
+    own start (embedded nats-server, peers) is set-up, like constructing a client.
+    The scripted models get a price, as any model in litellm's table has one (an
+    unpriced model costs litellm a slow failed lookup per call). `lean` also routes
+    openai/ models through litellm's own HTTP handler instead of the OpenAI SDK.
+    """
+    import anyio
+
+    if lean:
+        os.environ[LEAN_ENV] = "true"
+
+    sys.path.insert(0, str(REPO))
+    from agents.limits import Limits
+    from agents.models import LiteLLMModel
+    from council.declare import LLM, Agent, Council
+    from council.session import Session
+
+    base = f"{stub}/council/{n}/{run}/v1"
+    models = {
+        name: LiteLLMModel(name, api_base=base, api_key="stub", **PRICES)
+        for name in ("openai/root", "openai/sub")
+    }
+    council = Council(
+        entry="root",
+        peers=[
+            Agent("root", model="openai/root", calls=["llm"], limits=Limits(iterations=3)),
+            LLM("llm", model="openai/sub", concurrency=CONCURRENCY, description="a sub-model"),
+        ],
+    )
+
+    async def go() -> dict:
+        async with Session(council, models=models) as session:
+            t = time.perf_counter()
+            result = await session.ask(PROMPT, context=context, timeout=600)
+            wall = time.perf_counter() - t
+        return {"wall": wall, "answer": str(result.value), "tokens": result.usage.tokens}
+
+    out = anyio.run(go)
+    if not out["answer"].startswith(f"{n} answers"):
+        raise RuntimeError(f"council answered {out['answer'][:200]!r}")
+    s = check_run(stub, run, n, roots=1)
+    return {
+        "wall": out["wall"],
+        "tokens_reported": out["tokens"],
+        "tokens_served": s["prompt_tokens"] + s["completion_tokens"],
+    }
+
+
+# -- worker: one side, one fresh process --------------------------------------------------------
+
+
+# floor:rlms-venv is the same floor with the openai client of the rlms venv (a newer major
+# version than the one litellm pins in ours); the faster of the two floors is the floor.
+RLMS_VENV_SIDES = ("rlms", "floor:rlms-venv")
+FLOORS = ("floor", "floor:rlms-venv")
+
+
+def side_once(side: str, stub: str, run: str, n: int, context: str) -> dict:
+    if side in FLOORS:
+        return floor_once(stub, run, n, context)
+    if side.startswith("litellm:"):
+        return litellm_once(stub, run, n, context, side.split(":", 1)[1])
+    if side == "rlms":
+        return rlms_once(stub, run, n, context)
+    if side in ("council", "council:lean"):
+        return council_once(stub, run, n, context, lean=side == "council:lean")
+    raise SystemExit(f"unknown side {side!r}")
+
+
+def versions(side: str) -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("openai", "litellm", "rlms", "nats-py"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def worker(side: str, stub: str, ns: list[int], chars: int, warmup: bool) -> None:
+    """Runs in a child process; the last stdout line is this side's JSON result."""
+    context = make_context(chars)
+    tag = f"{side.replace(':', '-')}-{os.getpid()}"
+    if warmup:  # imports, first connections, lazy caches: not what is being compared
+        side_once(side, stub, f"{tag}-warm", min(ns), context)
+    out: dict = {"versions": versions(side)}
+    for i, n in enumerate(ns):
+        out[str(n)] = side_once(side, stub, f"{tag}-{i}-{n}", n, context)
+    print(json.dumps(out), flush=True)
+
+
+# -- parent: venvs, the stub, rounds, memory, the report ----------------------------------------
+
+
+def ensure_rlms_venv() -> None:
+    if RLMS_PYTHON.exists():
+        probe = subprocess.run(
+            [str(RLMS_PYTHON), "-c", "import rlm, openai"], capture_output=True, text=True
+        )
+        if probe.returncode == 0:
+            return
+    print(f"creating {RLMS_VENV} with rlms (the paper's package) and openai ...", flush=True)
+    base = getattr(sys, "_base_executable", sys.executable)
+    subprocess.run([base, "-m", "venv", str(RLMS_VENV)], check=True)
+    subprocess.run([str(RLMS_PYTHON), "-m", "pip", "install", "-q", "rlms", "openai"], check=True)
+
+
+class Stub:
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            [str(OUR_PYTHON), str(HERE / "openai_stub.py")],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        line = self.proc.stdout.readline() if self.proc.stdout else ""
+        if not line.startswith("READY "):
+            self.proc.kill()
+            raise RuntimeError(f"the scripted server did not start: {line!r}")
+        self.url = f"http://127.0.0.1:{int(line.split()[1])}"
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def _tree(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+        except OSError:
+            pass
+    return out
+
+
+def _rss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+def run_worker(
+    side: str, stub: str, ns: list[int], chars: int, *, warmup: bool, sample: bool = False
+) -> tuple[dict, int]:
+    """One side in a fresh process; returns its result and the peak RSS of its process tree."""
+    python = RLMS_PYTHON if side in RLMS_VENV_SIDES else OUR_PYTHON
+    cmd = [str(python), str(Path(__file__).resolve()), "--worker", side, "--stub", stub]
+    cmd += ["--ns", ",".join(map(str, ns)), "--chars", str(chars)]
+    if warmup:
+        cmd.append("--warmup")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    peak = 0
+    done = threading.Event()
+
+    def sampler() -> None:
+        nonlocal peak
+        while not done.wait(0.02):
+            peak = max(peak, sum(_rss(p) for p in _tree(proc.pid)))
+
+    t = threading.Thread(target=sampler, daemon=True)
+    if sample:
+        t.start()
+    stdout, stderr = proc.communicate()
+    done.set()
+    if proc.returncode != 0 or not stdout.strip():
+        raise RuntimeError(f"{side} worker failed ({proc.returncode}):\n{stderr[-3000:]}")
+    return json.loads(stdout.strip().splitlines()[-1]), peak
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--ns", default="100,500,1000", help="fan-out sizes (comma-separated)")
+    ap.add_argument("--rounds", type=int, default=3, help="fresh processes per side, interleaved")
+    ap.add_argument(
+        "--chars", type=int, default=1_000_000, help="context size for the timed runs (characters)"
+    )
+    ap.add_argument(
+        "--memory-tokens", type=int, default=10_000_000, help="context for the memory run; 0 skips"
+    )
+    ap.add_argument("--memory-n", type=int, default=500)
+    ap.add_argument(
+        "--sides",
+        default="floor,floor:rlms-venv,litellm:default,litellm:priced,litellm:lean,"
+        "litellm:hosted_vllm,litellm:ours,rlms,council,council:lean",
+    )
+    ap.add_argument(
+        "--quick", action="store_true", help="N=20,50, 100k chars, 1 round, 1M-token memory run"
+    )
+    # worker mode (internal)
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--stub", help=argparse.SUPPRESS)
+    ap.add_argument("--warmup", action="store_true", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    ns = [int(x) for x in a.ns.split(",")]
+
+    if a.worker:
+        worker(a.worker, a.stub, ns, a.chars, a.warmup)
+        return
+    if a.quick:
+        ns, a.rounds, a.chars, a.memory_tokens = [20, 50], 1, 100_000, 1_000_000
+    sides = a.sides.split(",")
+    if any(s in RLMS_VENV_SIDES for s in sides):
+        ensure_rlms_venv()
+
+    stub = Stub()
+    walls: dict[str, dict[int, list[float]]] = {s: {n: [] for n in ns} for s in sides}
+    extra: dict[str, dict] = {}
+    cpus: dict[str, dict[int, list[float]]] = {}
+    lib_versions: dict[str, dict] = {}
+    errors: dict[str, str] = {}
+    try:
+        for r in range(a.rounds):
+            order = sides[r % len(sides) :] + sides[: r % len(sides)]
+            for side in order:
+                if side in errors:
+                    continue
+                try:
+                    res, _ = run_worker(side, stub.url, ns, a.chars, warmup=True)
+                except RuntimeError as e:
+                    errors[side] = str(e).strip().splitlines()[-1][:300]
+                    print(f"  {side}: FAILED: {errors[side]}", flush=True)
+                    continue
+                lib_versions[side] = res.pop("versions", {})
+                for n in ns:
+                    walls[side][n].append(res[str(n)]["wall"])
+                    if "cpu" in res[str(n)]:
+                        cpus.setdefault(side, {}).setdefault(n, []).append(res[str(n)]["cpu"])
+                    extra.setdefault(side, {})[n] = res[str(n)]
+                print(
+                    f"round {r + 1}/{a.rounds} {side:20s} "
+                    + "  ".join(f"N={n}: {res[str(n)]['wall']:.3f}s" for n in ns),
+                    flush=True,
+                )
+        memory = {}
+        if a.memory_tokens:
+            chars = a.memory_tokens * TOKEN_CHARS
+            for side in ("rlms", "council"):
+                if side not in sides or side in errors:
+                    continue
+                try:
+                    res, peak = run_worker(
+                        side, stub.url, [a.memory_n], chars, warmup=False, sample=True
+                    )
+                except RuntimeError as e:
+                    errors[f"{side}_memory"] = str(e).strip().splitlines()[-1][:300]
+                    print(f"  {side} memory run FAILED: {errors[side + '_memory']}", flush=True)
+                    continue
+                memory[side] = {"peak_rss_mb": peak / 2**20, "wall": res[str(a.memory_n)]["wall"]}
+                print(
+                    f"memory {side:8s} {a.memory_tokens:,} tokens, N={a.memory_n}: "
+                    f"peak RSS {peak / 2**20:.0f} MB, wall {memory[side]['wall']:.2f}s",
+                    flush=True,
+                )
+    finally:
+        stub.close()
+
+    print(report(ns, sides, walls, cpus, extra, memory, errors, lib_versions, a))
+
+
+def report(ns, sides, walls, cpus, extra, memory, errors, versions_seen, a) -> str:
+    med = {s: {n: statistics.median(walls[s][n]) for n in ns if walls[s][n]} for s in sides}
+    # The floor at each N: the faster of the floors measured (the stricter baseline).
+    floor = {}
+    for n in ns:
+        have = [(med[f][n], f) for f in FLOORS if n in med.get(f, {})]
+        if have:
+            floor[n] = min(have)
+
+    def to_floor(s: str, n: int) -> float | None:
+        return med[s][n] / floor[n][0] if n in med.get(s, {}) and n in floor else None
+
+    def to_rlms(s: str, n: int) -> float | None:
+        if n in med.get(s, {}) and n in med.get("rlms", {}):
+            return med[s][n] / med["rlms"][n]
+        return None
+
+    mid = 500 if 500 in ns else ns[len(ns) // 2]
+    head = f"{'side':22s}" + "".join(f"{'N=' + str(n):>10s}" for n in ns)
+    lines = [
+        "",
+        f"wall time (s), median of {a.rounds} fresh-process rounds; context {a.chars:,} chars; "
+        f"{CONCURRENCY} in flight; ratios at N={mid}",
+        head + "   x floor    x rlms",
+    ]
+    for s in sides:
+        if not med.get(s):
+            lines.append(f"{s:22s}  (no figures: {errors.get(s, 'not run')})")
+            continue
+        rf, rr = to_floor(s, mid), to_rlms(s, mid)
+        lines.append(
+            f"{s:22s}"
+            + "".join(f"{med[s][n]:10.3f}" for n in ns)
+            + (f"   {rf:6.2f}x" if rf else "         -")
+            + (f"   {rr:6.2f}x" if rr else "         -")
+        )
+    if floor:
+        lines.append("floor = " + ", ".join(f"N={n}: {f}" for n, (_, f) in floor.items()))
+    cpu_ms = {
+        s: {n: statistics.median(v) / n * 1000 for n, v in per.items()} for s, per in cpus.items()
+    }
+    if cpu_ms:
+        lines.append("CPU per call of the calling process (ms, median):")
+        for s, per in cpu_ms.items():
+            lines.append(f"  {s:20s}" + "".join(f"{per[n]:10.3f}" for n in ns if n in per))
+    for s, m in memory.items():
+        lines.append(
+            f"{s}: {a.memory_tokens:,}-token context, N={a.memory_n}: peak RSS of its process "
+            f"tree {m['peak_rss_mb']:.0f} MB, wall {m['wall']:.2f}s"
+        )
+    for s in sides:
+        if not s.startswith(("rlms", "council")):
+            continue
+        for n, e in sorted(extra.get(s, {}).items()):
+            if "tokens_reported" in e:
+                lines.append(
+                    f"{s} N={n}: tokens reported {e['tokens_reported']:,}, "
+                    f"served by the model {e['tokens_served']:,}"
+                )
+    for s, e in errors.items():
+        lines.append(f"FAILED {s}: {e}")
+
+    fig: dict = {
+        "machine": f"{os.cpu_count()} cores, shared with other work",
+        "context_chars": a.chars,
+        "concurrency": CONCURRENCY,
+        "rounds": a.rounds,
+        "versions": versions_seen,
+        "wall_s": {
+            s: {str(n): round(v, 4) for n, v in med[s].items()} for s in sides if med.get(s)
+        },
+        "floor": {str(n): f for n, (_, f) in floor.items()},
+        "ratio_to_floor": {
+            s: {str(n): round(r, 3) for n in ns if (r := to_floor(s, n))}
+            for s in sides
+            if med.get(s)
+        },
+        "ratio_to_rlms": {
+            s: {str(n): round(r, 3) for n in ns if (r := to_rlms(s, n))}
+            for s in sides
+            if med.get(s)
+        },
+        "cpu_ms_per_call": {
+            s: {str(n): round(v, 3) for n, v in per.items()} for s, per in cpu_ms.items()
+        },
+        "memory": {
+            s: {
+                "tokens": a.memory_tokens,
+                "n": a.memory_n,
+                **{k: round(v, 2) for k, v in m.items()},
+            }
+            for s, m in memory.items()
+        },
+        "tokens": {
+            s: {
+                str(n): {k: e[k] for k in ("tokens_reported", "tokens_served")}
+                for n, e in v.items()
+            }
+            for s, v in extra.items()
+            if s.startswith(("rlms", "council"))
+        },
+        "errors": errors,
+    }
+    targets = {}
+    for s in ("council", "council:lean"):
+        r, f = to_rlms(s, 500), to_floor(s, 500)
+        if r is not None and f is not None:
+            targets[s] = {
+                "over_rlms": round(r, 3),
+                "over_floor": round(f, 3),
+                "met": bool(r <= 0.8 and f <= 1.2),
+            }
+    fig["targets_n500"] = {"want": "<= 0.8x rlms and <= 1.2x floor", **targets}
+    return "\n".join(lines) + "\n" + json.dumps(fig)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,383 @@
+"""The recorder: every message of a session, in the order the bus delivered it, to a cassette.
+
+It listens, it never takes part: two wildcard subscriptions (the session's subjects and
+its peers' reply inboxes) whose callbacks only stamp and queue the raw bytes, so a
+session runs as fast recorded as not. A writer thread turns them into cassette lines;
+the end record (count + digest) and the fsync happen at `stop()`, so a cassette that
+lacks them is known to be cut short.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import anyio
+import anyio.lowlevel
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from pydantic import BaseModel
+
+from channels import log, subjects
+from channels.bus import settle
+from channels.messages import Failure, Ref, Reply
+from council.cassette import (
+    DEFAULT_INLINE_LIMIT,
+    Footer,
+    Header,
+    blob_name,
+    blobs_dir_name,
+    sha256,
+)
+
+_log = log.get("council.record")
+
+_ANSWER_PREFIXES = (b'{"type":"reply"', b'{"type":"failure"')
+_VERB_KIND = {"call": "call", "cancel": "cancel", "event": "event"}
+_MESSAGE_TYPES = {
+    "call": {"call"},
+    "cancel": {"cancel"},
+    "event": {"step", "completion", "execution", "log"},
+    "answer": {"reply", "failure"},
+}
+_ANSWER_KEYS = {
+    "reply": set(Reply.model_fields),
+    "failure": set(Failure.model_fields),
+}
+DEFAULT_SAVE_REFS_LIMIT = 256 * 1024 * 1024
+
+
+class RefReader(Protocol):
+    async def read_bytes(self, ref: Ref) -> bytes: ...
+
+
+@dataclass(frozen=True)
+class RecordSummary:
+    path: Path
+    entries: int
+    calls: int
+    dropped: int
+    refs_saved: int
+    missing_refs: int
+    bytes: int
+
+
+def council_json(council: Any) -> tuple[dict[str, Any] | None, str | None]:
+    """The declaration as JSON and its digest (sha256 of canonical JSON), for the header."""
+    if council is None:
+        return None, None
+    if isinstance(council, BaseModel):
+        data = council.model_dump(mode="json")
+    elif hasattr(council, "to_json") and callable(council.to_json):
+        data = council.to_json()
+        data = json.loads(data) if isinstance(data, str | bytes) else data
+    else:
+        data = dict(council)
+    own = getattr(council, "digest", None)  # a Council's digest is over the same canonical JSON
+    if isinstance(own, str):
+        return data, own
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+    return data, sha256(canonical)
+
+
+def answered_by_models_or_humans(council: Any) -> tuple[list[str], dict[str, str]]:
+    """From a declaration: the peers a replay answers from the cassette (LLM peers, each
+    agent's model peer, humans) and the model each model peer ran, for the header."""
+    replay: list[str] = []
+    models: dict[str, str] = {}
+    for peer in getattr(council, "peers", []):
+        kind = getattr(peer, "kind", "")
+        if kind == "human":
+            replay.append(peer.name)
+        elif kind in ("llm", "agent"):
+            name = peer.name if kind == "llm" else peer.model_peer
+            replay.append(name)
+            try:
+                models[name] = council.model_of(peer)
+            except Exception:  # no model named: the caller passes one in at run time
+                models[name] = "?"
+    return replay, models
+
+
+class Recorder:
+    """Records session `session` seen on `nc` into `path`.
+
+    Use `async with Recorder(nc, session, path) as rec:`; it is listening when the block
+    starts (the server has its subscriptions) and the cassette is complete and synced when
+    it ends. The contents of Refs seen in messages (spilled replies, values peers passed by
+    reference) are saved beside the cassette, so a replay can serve them after the session's
+    store is gone: read through `store` (anything with `read_bytes(ref)`), by default the
+    session's Store on `nc`; `None` saves none. Stop the recorder before the session's
+    store is dropped.
+    """
+
+    def __init__(
+        self,
+        nc: NATS,
+        session: str,
+        path: str | Path,
+        *,
+        council: Any = None,
+        council_digest: str | None = None,
+        models: dict[str, str] | None = None,
+        replay: list[str] | None = None,
+        meta: dict[str, Any] | None = None,
+        inline_limit: int = DEFAULT_INLINE_LIMIT,
+        store: RefReader | Literal["auto"] | None = "auto",
+        save_refs_limit: int = DEFAULT_SAVE_REFS_LIMIT,
+        blobs: str | None = None,
+    ):
+        self.nc = nc
+        self.session = subjects.check_name(session, "session")
+        self.path = Path(path)
+        council_data, digest = council_json(council)
+        if council is not None and (replay is None or models is None):
+            derived_replay, derived_models = answered_by_models_or_humans(council)
+            replay = derived_replay if replay is None else replay
+            models = derived_models if models is None else models
+        self.header = Header(
+            session=session,
+            started=time.time(),
+            council=council_data,
+            council_digest=council_digest or digest,
+            models=models or {},
+            replay=replay or [],
+            meta=meta or {},
+            inline_limit=inline_limit,
+            blobs=blobs or blobs_dir_name(self.path),
+        )
+        self.store = store
+        self.save_refs_limit = save_refs_limit
+        self._queue: queue.SimpleQueue[tuple[str, bytes, float] | None] = queue.SimpleQueue()
+        self._subs: list[Any] = []
+        self._thread: threading.Thread | None = None
+        self._writer: _Writer | None = None
+        self._stopped = False
+        self.summary: RecordSummary | None = None
+
+    @property
+    def blobs_dir(self) -> Path:
+        return self.path.parent / self.header.blobs
+
+    async def __aenter__(self) -> Recorder:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        with anyio.CancelScope(shield=True):
+            await self.stop()
+
+    async def start(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._writer = _Writer(self.path, self.header, self._queue)
+        self._thread = threading.Thread(
+            target=self._writer.run, name=f"council-recorder-{self.session}", daemon=True
+        )
+        self._thread.start()
+        put = self._queue.put
+
+        async def on_session(msg: Msg) -> None:
+            put((msg.subject, msg.data, time.time()))
+
+        async def on_inbox(msg: Msg) -> None:
+            # Reply inboxes also carry JetStream API answers and object-store chunks: keep
+            # only council answers, judged by the first bytes (encode() puts `type` first).
+            data = msg.data
+            if data.startswith(_ANSWER_PREFIXES):
+                put((msg.subject, data, time.time()))
+
+        limits = {"pending_msgs_limit": 10_000_000, "pending_bytes_limit": 4 << 30}
+        self._subs = [
+            await self.nc.subscribe(
+                subjects.session_wildcard(self.session), cb=on_session, **limits
+            ),
+            await self.nc.subscribe(f"_INBOX.{self.session}.>", cb=on_inbox, **limits),
+        ]
+        await settle(self.nc)
+        _log.info("recorder.started", session=self.session, path=str(self.path))
+
+    async def stop(self) -> RecordSummary:
+        """Take in what is still in flight, save Ref contents, write the end record, fsync."""
+        if self.summary is not None:
+            return self.summary
+        assert self._writer is not None and self._thread is not None, "recorder never started"
+        if not self.nc.is_closed:
+            try:
+                await settle(self.nc)
+            except Exception as e:  # a dead connection: keep what arrived
+                _log.warning("recorder.settle_failed", error=str(e))
+        for _ in range(1000):  # let the subscription tasks hand over what they hold
+            if all(s.pending_msgs == 0 for s in self._subs):
+                break
+            await anyio.sleep(0.001)
+        await anyio.lowlevel.checkpoint()
+        for sub in self._subs:
+            try:
+                await sub.unsubscribe()
+            except Exception:
+                pass
+        self._queue.put(None)
+        await anyio.to_thread.run_sync(self._thread.join)
+        saved, missing = await self._save_refs(self._writer.refs)
+        footer = Footer(
+            entries=self._writer.count,
+            ended=time.time(),
+            digest="sha256:" + self._writer.digest.hexdigest(),
+            dropped=self._writer.dropped,
+            refs=saved,
+            missing_refs=missing,
+        )
+        size = await anyio.to_thread.run_sync(self._writer.finish, footer)
+        self.summary = RecordSummary(
+            path=self.path,
+            entries=self._writer.count,
+            calls=self._writer.calls,
+            dropped=self._writer.dropped,
+            refs_saved=len(saved),
+            missing_refs=len(missing),
+            bytes=size,
+        )
+        _log.info("recorder.stopped", **{k: str(v) for k, v in vars(self.summary).items()})
+        return self.summary
+
+    async def _save_refs(self, refs: dict[str, dict[str, Any]]) -> tuple[list[str], list[str]]:
+        if not refs:
+            return [], []
+        store = self.store
+        if store == "auto":
+            try:
+                from channels.store import Store
+
+                store = await Store.open(self.nc, scope=self.session)
+            except Exception as e:
+                _log.warning("recorder.no_store", error=str(e))
+                store = None
+        if store is None:
+            return [], sorted(refs)
+        saved: list[str] = []
+        missing: list[str] = []
+        budget = self.save_refs_limit
+        for digest, raw in refs.items():
+            target = self.blobs_dir / blob_name(digest)
+            if target.is_file():
+                saved.append(digest)
+                continue
+            try:
+                ref = Ref.model_validate(raw)
+                if ref.size > budget:
+                    raise ValueError(f"over the save_refs_limit ({self.save_refs_limit} bytes)")
+                data = await store.read_bytes(ref)
+            except Exception as e:
+                _log.warning("recorder.ref_not_saved", ref=digest, error=str(e))
+                missing.append(digest)
+                continue
+            budget -= len(data)
+            self.blobs_dir.mkdir(parents=True, exist_ok=True)
+            await anyio.to_thread.run_sync(target.write_bytes, data)
+            saved.append(digest)
+        return saved, missing
+
+
+class _Writer:
+    """Runs in a thread: raw bus messages in, cassette lines out."""
+
+    def __init__(self, path: Path, header: Header, q: queue.SimpleQueue):
+        self.path = path
+        self.header = header
+        self.queue = q
+        self.count = 0
+        self.calls = 0
+        self.dropped = 0
+        self.digest = hashlib.sha256()
+        self.refs: dict[str, dict[str, Any]] = {}
+        self.file = open(path, "wb", buffering=1 << 20)
+        self.file.write(header.model_dump_json().encode() + b"\n")
+
+    @property
+    def blobs_dir(self) -> Path:
+        return self.path.parent / self.header.blobs
+
+    def run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            try:
+                self._write(*item)
+            except Exception as e:  # one bad message must not end the recording
+                self.dropped += 1
+                _log.warning("recorder.entry_failed", error=repr(e))
+
+    def _write(self, subject: str, data: bytes, t: float) -> None:
+        if subject.startswith("_INBOX."):
+            kind, group = None, "answer"
+        else:
+            verb = subject.split(".", 3)[2] if subject.count(".") >= 3 else ""
+            kind = _VERB_KIND.get(verb)
+            group = verb
+        if group not in _MESSAGE_TYPES:
+            self.dropped += 1
+            return
+        try:
+            obj = json.loads(data)
+        except ValueError:
+            self.dropped += 1  # garbage on a council subject: the peer refused it too
+            return
+        mtype = obj.get("type") if isinstance(obj, dict) else None
+        if mtype not in _MESSAGE_TYPES[group]:
+            self.dropped += 1
+            return
+        if group == "answer" and obj.keys() != _ANSWER_KEYS[mtype]:
+            # Inboxes also carry store chunks, which may be any JSON: keep real answers only
+            # (an encoded Reply/Failure always has exactly its fields; cheaper than decoding).
+            self.dropped += 1
+            return
+        kind = kind or mtype
+        if kind == "call":
+            self.calls += 1
+        if b'"$ref"' in data:
+            _collect_refs(obj, self.refs)
+        if b"\n" in data:  # only a hand-made sender pretty-prints; keep one record a line
+            data = json.dumps(obj, separators=(",", ":")).encode()
+        head = b'{"kind":"%s","seq":%d,"t":%r,"subject":%s,' % (
+            kind.encode(),
+            self.count,
+            t,
+            json.dumps(subject).encode(),
+        )
+        if len(data) > self.header.inline_limit:
+            digest = sha256(data)
+            self.blobs_dir.mkdir(parents=True, exist_ok=True)
+            target = self.blobs_dir / blob_name(digest)
+            if not target.exists():
+                target.write_bytes(data)
+            line = head + b'"blob":{"digest":"%s","size":%d}}' % (digest.encode(), len(data))
+        else:
+            line = head + b'"msg":' + data + b"}"
+        self.file.write(line + b"\n")
+        self.digest.update(line + b"\n")
+        self.count += 1
+
+    def finish(self, footer: Footer) -> int:
+        self.file.write(footer.model_dump_json().encode() + b"\n")
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        size = self.file.tell()
+        self.file.close()
+        return size
+
+
+def _collect_refs(obj: Any, out: dict[str, dict[str, Any]]) -> None:
+    if isinstance(obj, dict):
+        if isinstance(obj.get("$ref"), str):
+            out.setdefault(obj["$ref"], obj)
+            return
+        for v in obj.values():
+            _collect_refs(v, out)
+    elif isinstance(obj, list):
+        for v in obj:
+            _collect_refs(v, out)

@@ -1,0 +1,470 @@
+"""Running a council: start what is needed, ask the entry peer, tear everything down.
+
+    async with Session(council) as s:
+        result = await s.ask("Review this draft", context=draft)
+    print(result.value, result.usage.cost)
+
+or, without async: `run(council, "Review this draft", context=draft)`.
+
+By default every peer runs in this process, each on its own connection, against an
+embedded nats-server that enforces the council's edges (one NATS user per peer,
+generated from the declaration). With `nats_url` the session uses that server instead,
+and `local=` picks the peers to run here (the rest run elsewhere, `council serve`).
+Whatever happens (an answer, an exception, Ctrl-C) the exit stops the peers, closes
+every connection, deletes the session's data and stops the embedded server.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from contextlib import AsyncExitStack
+from typing import Any, Protocol
+
+import anyio
+from anyio.abc import TaskGroup, TaskStatus
+from pydantic import BaseModel, ConfigDict
+
+from channels import log, permissions, subjects
+from channels.bus import DEFAULT_TIMEOUT, Bus
+from channels.errors import CouncilError
+from channels.messages import Usage, Value, new_id
+from channels.server import embedded_server
+from council.declare import LLM, Agent, Council, Function, Human
+
+_log = log.get("council.session")
+
+RUNNER = permissions.ADMIN
+INLINE_CONTEXT_LIMIT = 256 * 1024  # larger contexts go to the store first, the call carries a Ref
+
+
+class PeerUnavailable(CouncilError, RuntimeError):
+    """A kind of peer this installation cannot run (its module is missing or broken)."""
+
+
+class Peer(Protocol):
+    name: str
+
+    async def run(self, bus: Bus, *, task_status: TaskStatus[None] = ...) -> None: ...
+
+
+class Endpoint(Protocol):
+    """A human endpoint (ScriptedHuman, TerminalHuman): runs on its own connection."""
+
+    async def run(self, bus: Bus, *, task_status: TaskStatus[None] = ...) -> None: ...
+
+
+class Result(BaseModel):
+    """The entry peer's answer, and what the whole session spent to get it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    value: Value
+    usage: Usage
+    session: str
+    call_id: str
+
+    @property
+    def cost(self) -> float | None:
+        return self.usage.cost
+
+    @property
+    def tokens(self) -> int:
+        return self.usage.tokens
+
+
+# -- building peers from the declaration ---------------------------------------------------
+
+
+def _import(module: str, what: str) -> Any:
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise PeerUnavailable(
+            f"cannot run {what}: importing {module} failed ({e}); "
+            "install the package with its dependencies (pip install -e .)"
+        ) from e
+
+
+Credentials = Callable[[str], tuple[str | None, str | None]]
+
+
+def build(
+    council: Council,
+    name: str,
+    *,
+    models: Mapping[str, Any] | None = None,
+    credentials: Credentials | None = None,
+) -> list[Peer]:
+    """The runtime objects that serve declared peer `name` (an agent brings its model peer).
+
+    `credentials(name)` gives the NATS user for a connection the peer opens itself (an
+    agent's REPL worker connects as `<agent>-repl`, with its agent's edges).
+    """
+    decl = council.peer(name)
+    models = models or {}
+
+    def model(spec: str) -> Any:
+        return models.get(spec, spec)
+
+    if isinstance(decl, Function):
+        from agents.function import FunctionPeer
+
+        return [FunctionPeer(decl.name, decl.callable(), decl.description)]
+    if isinstance(decl, Human):
+        from agents.human import HumanPeer
+
+        return [HumanPeer(decl.name, description=decl.description)]
+    if isinstance(decl, LLM):
+        llm = _import("agents.llm", f"LLM peer {decl.name!r}")
+        return [
+            llm.LLMPeer(
+                decl.name,
+                model(council.model_of(decl)),
+                description=decl.description,
+                concurrency=decl.concurrency,
+                **decl.params,
+            )
+        ]
+    if isinstance(decl, Agent):
+        llm = _import("agents.llm", f"the model of agent {decl.name!r}")
+        rlm = _import("agents.rlm", f"agent {decl.name!r}")
+        user, password = credentials(decl.repl_peer) if credentials else (None, None)
+        repl_options = {"user": user, "password": password} if user else {}
+        agent = rlm.RLMAgent(
+            decl.name,
+            model=decl.model_peer,
+            calls=council.specs(decl),
+            limits=decl.limits,
+            instructions=decl.instructions,
+            description=decl.description,
+            can_spawn=decl.can_spawn,
+            repl_options=repl_options,
+        )
+        thinker = llm.LLMPeer(
+            decl.model_peer,
+            model(council.model_of(decl)),
+            description=f"the model that {decl.name} thinks with",
+        )
+        return [agent, thinker]
+    raise TypeError(f"unknown kind of peer: {decl!r}")
+
+
+# -- the session ---------------------------------------------------------------------------
+
+
+class Session:
+    """One run of a council. `ask` as often as you like between enter and exit."""
+
+    def __init__(
+        self,
+        council: Council,
+        *,
+        nats_url: str | None = None,
+        rights: bool | permissions.Rights = True,
+        session: str | None = None,
+        local: Iterable[str] | None = None,
+        humans: Mapping[str, Endpoint] | None = None,
+        models: Mapping[str, Any] | None = None,
+        credentials: Mapping[str, tuple[str, str]] | tuple[str, str] | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        keep_data: bool = False,
+    ) -> None:
+        self.council = council.check()
+        self.nats_url = nats_url
+        # True: generate users for the embedded server. A Rights: the users an external
+        # server was configured with (`council rights`), used for every connection.
+        given = rights if isinstance(rights, permissions.Rights) else None
+        if given is not None and given.session != (session or given.session):
+            raise CouncilError(
+                f"the rights are for session {given.session!r}, not {session!r}; "
+                "generate them for this session with `council rights`"
+            )
+        session = session or (given.session if given else None)
+        self.use_rights = given is None and bool(rights) and nats_url is None
+        self.session = subjects.check_name(session or "s" + new_id()[:12], "session")
+        self.local = list(council.names() if local is None else local)
+        for name in self.local:
+            council.peer(name)  # KeyError naming the known peers
+        self.humans = dict(humans or {})
+        for name in self.humans:
+            if not isinstance(council.peer(name), Human):
+                raise CouncilError(f"{name!r} is not a human peer of this council")
+        self.models = dict(models or {})
+        self._credentials = credentials
+        self.timeout = timeout
+        self.keep_data = keep_data
+        self.rights: permissions.Rights | None = given
+        self.url: str | None = nats_url
+        self.server_pid: int | None = None
+        self.client: Bus | None = None
+        self.peers: dict[str, Peer] = {}
+        self._stack: AsyncExitStack | None = None
+        self._tg: TaskGroup | None = None
+        self._buses: list[Bus] = []
+
+    # -- credentials ----------------------------------------------------------------------
+
+    def credentials(self, name: str) -> tuple[str | None, str | None]:
+        """(user, password) for the connection acting as `name`."""
+        if self.rights is not None:
+            try:
+                return self.rights.credentials(name)
+            except KeyError:
+                return self.rights.credentials(RUNNER)  # names outside the topology: runner
+        given = self._credentials
+        if isinstance(given, tuple):
+            return given
+        if given and name in given:
+            return given[name]
+        return None, None
+
+    async def connect(self, name: str) -> Bus:
+        """A new connection in this session acting as `name` (closed when the session ends)."""
+        assert self.url and self._stack, "enter the session first"
+        user, password = self.credentials(name)
+        bus = await Bus.connect(
+            self.url,
+            session=self.session,
+            name=name,
+            user=user,
+            password=password,
+            default_timeout=self.timeout,
+        )
+        self._buses.append(bus)
+        return bus
+
+    async def _close_buses(self) -> None:
+        buses, self._buses = self._buses, []
+        with anyio.CancelScope(shield=True):
+            for bus in reversed(buses):
+                await bus.close()
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Session:
+        stack = AsyncExitStack()
+        await stack.__aenter__()
+        self._stack = stack
+        try:
+            await self._start(stack)
+        except BaseException as e:
+            await _unwind(stack, type(e), e, e.__traceback__)
+            raise
+        return self
+
+    async def _start(self, stack: AsyncExitStack) -> None:
+        if self.nats_url is None:
+            config = ""
+            if self.use_rights:
+                self.rights = permissions.rights(
+                    self.session, self.council.edges(), serves=self.council.serves()
+                )
+                config = self.rights.authorization()
+            server = await stack.enter_async_context(embedded_server(config_extra=config))
+            self.url, self.server_pid = server.url, server.pid
+        # Exit runs these in reverse: stop the peers, close their connections, drop the
+        # session's data (on the runner's connection), close it, stop the server.
+        stack.push_async_callback(self._close_buses)
+        self.client = await self.connect(RUNNER)
+        stack.push_async_callback(self._drop_data)
+        tg = await stack.enter_async_context(anyio.create_task_group())
+        stack.callback(tg.cancel_scope.cancel)  # runs first on exit: stop every peer
+        self._tg = tg
+        for name in self.local:
+            for peer in build(self.council, name, models=self.models, credentials=self.credentials):
+                bus = await self.connect(peer.name)
+                await tg.start(peer.run, bus)
+                self.peers[peer.name] = peer
+        for human, endpoint in self.humans.items():
+            decl = self.council.peer(human)
+            assert isinstance(decl, Human)
+            await tg.start(endpoint.run, await self.connect(decl.desk))
+        _log.info("session.started", session=self.session, url=self.url, local=self.local)
+
+    async def __aexit__(self, *exc: Any) -> bool | None:
+        stack, self._stack = self._stack, None
+        if stack is None:
+            return None
+        out = await _unwind(stack, *exc)
+        _log.info("session.ended", session=self.session)
+        return out
+
+    async def _drop_data(self) -> None:
+        """Session data is not kept unless asked: the human bucket and the store scope."""
+        if self.keep_data or self.client is None or self.client.nc.is_closed:
+            return
+        from agents.human import delete_bucket
+
+        try:
+            with anyio.CancelScope(shield=True), anyio.fail_after(5):
+                await delete_bucket(self.client)
+                store = await _store(self.client)
+                if store is not None:
+                    await store.drop()
+        except Exception as e:  # best effort: an embedded server's data goes with it anyway
+            _log.warning("session.data_not_dropped", session=self.session, error=str(e))
+
+    # -- asking ---------------------------------------------------------------------------
+
+    async def ask(
+        self,
+        prompt: str,
+        *,
+        context: Value | bytes = None,
+        args: dict[str, Any] | None = None,
+        timeout: float | None = None,
+        entry: str | None = None,
+        notify: str | None = None,
+    ) -> Result:
+        """Call the entry peer (or `entry`) and return its answer with the session's usage.
+
+        `notify` names a human who gets the final answer at their endpoint.
+        """
+        client = self.client
+        if client is None:
+            raise CouncilError("the session is not running; use `async with Session(...)`")
+        context = await self._place(context)
+        call = client.make_call(
+            entry or self.council.entry, prompt, context=context, args=args, timeout=timeout
+        )
+        reply = await client.send(call)
+        result = Result(value=reply.value, usage=reply.usage, session=self.session, call_id=call.id)
+        if notify:
+            from agents.human import Final, send_final
+
+            await send_final(client, notify, Final(id=call.id, prompt=prompt, value=reply.value))
+        return result
+
+    async def _place(self, context: Value | bytes) -> Value:
+        """Big inputs travel by reference: put them in the store, pass the Ref."""
+        big = isinstance(context, bytes | str) and len(context) > INLINE_CONTEXT_LIMIT
+        if not (big or isinstance(context, bytes)):
+            return context
+        store = await _store(self.client)  # type: ignore[arg-type]
+        if store is None:
+            if isinstance(context, bytes):
+                raise CouncilError("bytes context needs the shared store (channels/store.py)")
+            return context
+        return await store.put(context)
+
+    def call_in(self, fn: Callable[[], Awaitable[Any]]) -> None:
+        """Run `fn` alongside the peers until the session ends (progress displays, etc.)."""
+        assert self._tg is not None, "enter the session first"
+        self._tg.start_soon(fn)
+
+    async def start(self, fn: Callable[..., Awaitable[Any]]) -> Any:
+        """Like `call_in`, returning once `fn` calls `task_status.started()`."""
+        assert self._tg is not None, "enter the session first"
+        return await self._tg.start(fn)
+
+
+async def _unwind(stack: AsyncExitStack, *exc: Any) -> bool | None:
+    """Run the exit steps (each shields itself from cancellation).
+
+    An ordinary error propagates as itself, not wrapped in the peers' task group's
+    ExceptionGroup; cancellation and Ctrl-C go through the steps so anyio sees them.
+    """
+    exc_type = exc[0] if exc else None
+    if exc_type is not None and issubclass(exc_type, Exception):
+        await stack.__aexit__(None, None, None)
+        return False
+    return await stack.__aexit__(*exc)
+
+
+async def _store(bus: Bus) -> Any:
+    store = getattr(bus, "store", None)
+    if store is None:
+        return None
+    return await store() if callable(store) else store
+
+
+# -- serving one peer elsewhere -------------------------------------------------------------
+
+
+async def serve(
+    council: Council,
+    peer: str,
+    *,
+    nats_url: str,
+    session: str,
+    credentials: tuple[str | None, str | None] = (None, None),
+    rights: permissions.Rights | None = None,
+    models: Mapping[str, Any] | None = None,
+    task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve declared peer `peer` (and what it brings) on `nats_url` until cancelled.
+
+    With `rights` (from `council rights`), each connection uses its own user: the peer's,
+    its model peer's, its REPL worker's. Otherwise every one uses `credentials`.
+    """
+    council.check()
+    council.peer(peer)
+
+    def creds(name: str) -> tuple[str | None, str | None]:
+        return rights.credentials(name) if rights is not None else credentials
+
+    buses: list[Bus] = []
+    try:
+        async with anyio.create_task_group() as tg:
+            for obj in build(council, peer, models=models, credentials=creds):
+                user, password = creds(obj.name)
+                bus = await Bus.connect(
+                    nats_url, session=session, name=obj.name, user=user, password=password
+                )
+                buses.append(bus)
+                await tg.start(obj.run, bus)
+            _log.info("serve.ready", peer=peer, session=session, url=nats_url)
+            task_status.started()
+    finally:
+        with anyio.CancelScope(shield=True):
+            for bus in buses:
+                await bus.close()
+
+
+async def until_signalled() -> None:
+    """Return on SIGTERM or SIGINT, so a served peer shuts down in order."""
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for _ in signals:
+            return
+
+
+# -- the sync convenience ----------------------------------------------------------------------
+
+
+def run(
+    council: Council,
+    prompt: str,
+    *,
+    context: Value | bytes = None,
+    args: dict[str, Any] | None = None,
+    timeout: float | None = None,
+    **session_options: Any,
+) -> Result:
+    """Start the council, ask once, tear down; for scripts and notebooks without async."""
+
+    async def main() -> Result:
+        async with Session(council, **session_options) as s:
+            return await s.ask(prompt, context=context, args=args, timeout=timeout)
+
+    return anyio.run(main)
+
+
+def children(pid: int | None = None) -> set[int]:
+    """Live child processes of `pid` (default: this process), for teardown checks."""
+    pid = pid or os.getpid()
+    out: set[int] = set()
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return out
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out.update(int(x) for x in f.read().split())
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return out

@@ -1,0 +1,481 @@
+"""The shared store against a real nats-server: round trips, integrity, scope, CAS, spill."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import textwrap
+import tracemalloc
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+import anyio
+import nats
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from channels.errors import (
+    BudgetExhausted,
+    IntegrityError,
+    InvalidName,
+    NotFound,
+    UnsupportedValue,
+)
+from channels.messages import Call, Ref
+from channels.store import STREAM, Store, _location, _Meta
+
+pytestmark = pytest.mark.anyio
+
+SMALL_CHUNK = 64  # so that a few hundred bytes already cross several chunk boundaries
+
+
+@pytest.fixture
+async def nc(nats_server) -> AsyncIterator[nats.NATS]:
+    conn = await nats.connect(nats_server.url)
+    yield conn
+    await conn.close()
+
+
+@pytest.fixture
+async def store(nc, session_id) -> Store:
+    return await Store.open(nc, scope=session_id, chunk_size=SMALL_CHUNK)
+
+
+async def record_meta(store: Store, ref: Ref) -> _Meta:
+    record = await store._record(ref.scope, ref.hex)
+    assert record is not None
+    return _Meta.model_validate_json(record.headers["Council-Meta"])
+
+
+# -- round trips ---------------------------------------------------------------------------
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(), inner, max_size=5),
+    max_leaves=20,
+)
+boundary_sizes = st.sampled_from([0, 1, 63, 64, 65, 127, 128, 129, 64 * 7, 64 * 7 + 1])
+
+
+@settings(
+    max_examples=int(os.environ.get("STORE_EXAMPLES", "25")),  # raise it for a deeper search
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    texts=st.lists(st.text(st.characters(exclude_categories=())), max_size=4),  # + surrogates
+    blobs=st.lists(st.binary(max_size=600), max_size=4),
+    docs=st.lists(json_values, max_size=4),
+    size=boundary_sizes,
+    char=st.characters(),
+)
+async def test_round_trip_any_text_bytes_json(store, texts, blobs, docs, size, char):
+    values = [
+        *texts,
+        *blobs,
+        *docs,
+        os.urandom(size),
+        char * size,  # multi-byte characters split across chunk boundaries
+        {"items": ["x" * size]},
+    ]
+    for value in values:
+        ref = await store.put(value)
+        back = await store.get(ref)
+        assert back == value and type(back) is type(value)
+        assert ref.digest == "sha256:" + hashlib.sha256(await store.read_bytes(ref)).hexdigest()
+        parts = [p async for p in store.stream(ref)]
+        assert b"".join(parts) == await store.read_bytes(ref)
+        assert all(len(p) <= SMALL_CHUNK for p in parts) or len(parts) == 1
+
+
+async def test_empty_values_keep_their_kind(store):
+    for value, kind in (("", "text"), (b"", "bytes"), ([], "json"), ({}, "json"), (None, "json")):
+        ref = await store.put(value)
+        assert (ref.kind, ref.size) == (kind, len(json.dumps(value)) if kind == "json" else 0)
+        assert await store.get(ref) == value and type(await store.get(ref)) is type(value)
+
+
+async def test_refs_inside_json_come_back_as_refs(store):
+    inner = await store.put("inner text")
+    ref = await store.put({"doc": inner, "n": 1.0, "t": True})
+    back = await store.get(ref)
+    assert back == {"doc": inner, "n": 1.0, "t": True}
+    assert isinstance(back["doc"], Ref) and isinstance(back["n"], float)
+
+
+async def test_repr_shows_kind_size_preview_never_the_value(store):
+    secret_tail = "TAIL-NOT-SHOWN"
+    ref = await store.put("head " + "x" * 10_000 + secret_tail)
+    shown = repr(ref)
+    assert "text" in shown and "10.0 KB" in shown and "head" in shown
+    assert secret_tail not in shown and len(shown) < 300
+    blob = await store.put(bytes(range(256)) * 10)
+    assert "bytes" in repr(blob) and len(repr(blob)) < 300
+
+
+async def test_unsupported_values_and_names_get_typed_errors(store):
+    with pytest.raises(UnsupportedValue, match="convert sets to lists"):
+        await store.put({1, 2})
+    with pytest.raises(UnsupportedValue):
+        await store.put(float("nan"))
+    with pytest.raises(NotFound, match="not in"):
+        await store.get(
+            Ref.model_validate({"$ref": "sha256:" + "0" * 64, "size": 1, "kind": "text"})
+        )
+    with pytest.raises(NotFound, match="bind it first"):
+        await store.lookup("never-bound")
+    with pytest.raises(InvalidName):
+        await store.bind("bad name", 1)
+
+
+async def test_identical_values_are_stored_once(store, nc):
+    js = nc.jetstream()
+    flt = f"{_location(store.scope)}.>"
+
+    async def stored() -> int:
+        info = await js.stream_info(STREAM, subjects_filter=flt)
+        return sum((info.state.subjects or {}).values())
+
+    value = os.urandom(SMALL_CHUNK * 20 + 3)
+    first = await store.put(value)
+    after_first = await stored()
+    assert after_first == 20 + 1 + 1  # 21 chunks and one record
+    again = await store.put(bytes(value))
+    assert again == first and await stored() == after_first
+
+
+async def test_racing_puts_of_one_value_leave_one_copy(store, nc):
+    value = os.urandom(SMALL_CHUNK * 50)
+    refs: list[Ref] = []
+    async with anyio.create_task_group() as tg:
+        for _ in range(4):
+            tg.start_soon(_put, store, value, refs)
+    assert len(set(refs)) == 1
+    assert await store.get(refs[0]) == value
+    info = await nc.jetstream().stream_info(
+        STREAM, subjects_filter=f"{_location(store.scope)}.{refs[0].hex}.>"
+    )
+    assert sum(info.state.subjects.values()) == 50 + 1  # the losers' chunks were removed
+
+
+async def _put(store: Store, value: object, out: list[Ref]) -> None:
+    out.append(await store.put(value))
+
+
+# -- integrity -----------------------------------------------------------------------------
+
+
+async def test_replaced_chunk_is_an_integrity_error(store, nc):
+    value = os.urandom(SMALL_CHUNK * 10)
+    ref = await store.put(value)
+    meta = await record_meta(store, ref)
+    js = nc.jetstream()
+    # rewrite chunk 3: delete it and publish different bytes onto the same chunk subject
+    await js.delete_msg(STREAM, meta.first + 3)
+    subject = f"{_location(store.scope)}.{ref.hex}.d.{meta.upload}"
+    await js.publish(subject, b"y" * SMALL_CHUNK)
+    with pytest.raises(IntegrityError):
+        await store.get(ref)
+    seen: list[bytes] = []
+    with pytest.raises(IntegrityError):
+        async for part in store.stream(ref):
+            seen.append(part)
+    assert b"".join(seen) == value[: len(b"".join(seen))]  # nothing wrong was ever yielded
+
+
+async def test_a_stream_can_stop_early_and_the_value_stays_readable(store):
+    value = os.urandom(SMALL_CHUNK * 10)
+    ref = await store.put(value)
+    async with aclosing(store.stream(ref)) as parts:
+        async for part in parts:
+            assert part == value[:SMALL_CHUNK]
+            break
+    assert await store.get(ref) == value
+
+
+async def test_extra_message_on_chunk_subject_never_changes_the_value(store, nc):
+    value = os.urandom(SMALL_CHUNK * 4)
+    ref = await store.put(value)
+    meta = await record_meta(store, ref)
+    subject = f"{_location(store.scope)}.{ref.hex}.d.{meta.upload}"
+    await nc.jetstream().publish(subject, b"junk")
+    assert await store.get(ref) == value
+
+
+async def test_truncated_value_is_an_integrity_error(store, nc):
+    ref = await store.put(os.urandom(SMALL_CHUNK * 6 + 5))
+    meta = await record_meta(store, ref)
+    await nc.jetstream().delete_msg(STREAM, meta.last)
+    with pytest.raises(IntegrityError, match="truncated"):
+        await store.read_bytes(ref)
+
+
+async def test_rewritten_inline_record_is_an_integrity_error(store, nc):
+    ref = await store.put("short")  # fits inline in its record
+    record = await store._record(ref.scope, ref.hex)
+    await nc.jetstream().publish(
+        record.headers["Nats-Subject"],
+        b"shorT",
+        headers={"Council-Meta": record.headers["Council-Meta"]},
+    )
+    with pytest.raises(IntegrityError, match="corrupted"):
+        await store.get(ref)
+    with pytest.raises(IntegrityError):
+        async for _ in store.stream(ref):
+            pass
+
+
+# -- scale and memory ----------------------------------------------------------------------
+
+
+async def test_many_windows_stream_and_bounded_memory(nc, session_id):
+    """Same code path as a 1 GB value: default chunks, several read windows."""
+    store = await Store.open(nc, scope=session_id)
+    value = os.urandom(40 * 1024 * 1024 + 12345)
+    ref = await store.put(value)
+    assert (await record_meta(store, ref)).chunks > 64  # more than two 16 MiB windows
+    size = 0
+    async for part in store.stream(ref):
+        assert len(part) <= store.chunk_size
+        size += len(part)
+    assert size == len(value)
+    del value
+    tracemalloc.start()
+    try:
+        data = await store.read_bytes(ref)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert hashlib.sha256(data).hexdigest() == ref.hex
+    assert peak <= 2.5 * ref.size, f"peak {peak / ref.size:.2f}x the value size"
+
+
+# -- durability, scope ---------------------------------------------------------------------
+
+
+async def test_values_and_variables_survive_a_server_restart(own_server, session_id):
+    nc = await nats.connect(own_server.url)
+    store = await Store.open(nc, scope=session_id, chunk_size=SMALL_CHUNK)
+    values = ["inline", os.urandom(SMALL_CHUNK * 9 + 1), {"k": ["v"] * 50}]
+    refs = [await store.put(v) for v in values]
+    kept = await store.put("kept", keep=True)
+    await store.bind("notes", ["a", "b"])
+    await nc.close()
+
+    own_server.restart()
+
+    nc = await nats.connect(own_server.url)
+    try:
+        store = await Store.open(nc, scope=session_id, chunk_size=SMALL_CHUNK)
+        for v, ref in zip(values, refs, strict=True):
+            assert await store.get(ref) == v
+        assert await store.get(kept) == "kept"
+        assert await store.lookup("notes") == ["a", "b"]
+    finally:
+        await nc.close()
+
+
+async def test_drop_removes_the_session_and_keeps_kept_data(nc, session_id):
+    mine = await Store.open(nc, scope=session_id, chunk_size=SMALL_CHUNK)
+    other = await Store.open(nc, scope=session_id + "x", chunk_size=SMALL_CHUNK)
+    small, big = await mine.put("small"), await mine.put(os.urandom(SMALL_CHUNK * 5))
+    kept = await mine.put({"keep": True}, keep=True)
+    theirs = await other.put("small")
+    await mine.bind("n", 1)
+    await other.bind("n", 2)
+    assert kept.scope == "" and small.scope == session_id
+
+    await mine.drop()
+
+    for ref in (small, big):
+        assert not await mine.exists(ref)
+        with pytest.raises(NotFound):
+            await mine.get(ref)
+    assert await mine.lookup("n", None) is None
+    assert await mine.get(kept) == {"keep": True}
+    assert await other.get(theirs) == "small" and await other.lookup("n") == 2
+    info = await nc.jetstream().stream_info(STREAM, subjects_filter=f"{_location(session_id)}.>")
+    assert not info.state.subjects  # nothing of the session is left in the stream
+
+
+async def test_a_value_already_kept_is_not_stored_again(store):
+    kept = await store.put("shared text", keep=True)
+    again = await store.put("shared text")
+    assert again.scope == "" and again.digest == kept.digest
+    await store.drop()
+    assert await store.get(again) == "shared text"
+
+
+# -- named variables -----------------------------------------------------------------------
+
+
+async def test_bind_lookup_update_and_big_values(store):
+    rev = await store.bind("notes", {"a": 1})
+    assert rev > 0 and await store.lookup("notes") == {"a": 1}
+    assert await store.update("notes", lambda d: {**d, "b": 2}) == {"a": 1, "b": 2}
+    assert await store.update("fresh", lambda n: n + 1, default=0) == 1
+    ref = await store.put("by reference")
+    await store.bind("doc", ref)
+    assert await store.lookup("doc") == ref  # a bound Ref stays a Ref
+    big = "z" * 200_000
+    await store.bind("big", big)
+    assert await store.lookup("big") == big
+    await store.bind("raw", b"\x00\xff")
+    assert await store.lookup("raw") == b"\x00\xff"
+
+
+HAMMER = textwrap.dedent(
+    """
+    import sys, anyio, nats
+    from channels.store import Store
+
+    async def main(url, scope, tasks, each):
+        nc = await nats.connect(url)
+        store = await Store.open(nc, scope=scope)
+        async def worker():
+            for _ in range(each):
+                await store.update("count", lambda n: n + 1, default=0)
+        async with anyio.create_task_group() as tg:
+            for _ in range(tasks):
+                tg.start_soon(worker)
+        await nc.close()
+
+    anyio.run(main, sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    """
+)
+
+
+async def test_cas_hammer_from_tasks_and_processes_loses_no_write(nats_server, store, clean_env):
+    tasks, each, procs = 10, 10, 2
+    cmd = [sys.executable, "-c", HAMMER, nats_server.url, store.scope, "5", str(each)]
+    env = {**clean_env, "PYTHONPATH": os.getcwd()}
+
+    async def worker():
+        for _ in range(each):
+            await store.update("count", lambda n: n + 1, default=0)
+
+    async def child():
+        with anyio.fail_after(60):
+            await anyio.run_process(cmd, env=env, check=True, stdout=None, stderr=None)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(procs):
+            tg.start_soon(child)
+        for _ in range(tasks):
+            tg.start_soon(worker)
+    assert await store.lookup("count") == tasks * each + procs * 5 * each
+
+
+# -- on the bus ----------------------------------------------------------------------------
+
+
+class Spy:
+    """A raw connection that records the size of every call and reply of a session."""
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+        self.replies: list[int] = []
+
+    async def attach(self, url: str, session: str) -> nats.NATS:
+        nc = await nats.connect(url)
+
+        async def on_call(msg):
+            self.calls.append(len(msg.data))
+
+        async def on_reply(msg):  # the inboxes also carry store traffic: keep bus replies
+            if msg.data.startswith(b'{"type":"reply"'):
+                self.replies.append(len(msg.data))
+
+        await nc.subscribe(f"council.{session}.call.>", cb=on_call)
+        await nc.subscribe(f"_INBOX.{session}.>", cb=on_reply)
+        await nc.flush()
+        return nc
+
+
+async def test_passing_a_ref_costs_the_same_bytes_whatever_the_size(
+    connect, nats_server, session_id
+):
+    peer, client = await connect("reader"), await connect("client")
+    spy = Spy()
+    spy_nc = await spy.attach(nats_server.url, session_id)
+    store = await client.store()
+    small = await store.put("a" * 1_000)
+    large = await store.put("a" * 10_000_000)
+
+    async def reader(call: Call):
+        assert isinstance(call.context, Ref)
+        return {"size": call.context.size}  # passes it on without reading it
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(peer.serve, "reader", reader)
+        for ref in (small, large):
+            reply = await client.call("reader", "how big?", context=ref, timeout=10)
+            assert reply.value == {"size": ref.size}
+        tg.cancel_scope.cancel()
+    await spy_nc.flush()
+    await anyio.sleep(0.05)
+    await spy_nc.close()
+    assert len(spy.calls) == 2 and len(spy.replies) == 2
+    assert abs(spy.calls[0] - spy.calls[1]) <= 8  # only the size's digits differ
+    assert abs(spy.replies[0] - spy.replies[1]) <= 8
+    assert max(spy.calls) < 1_500
+
+
+async def test_bus_spills_big_context_args_and_reply(connect, nats_server, session_id):
+    peer, client = await connect("echo"), await connect("client")
+    spy = Spy()
+    spy_nc = await spy.attach(nats_server.url, session_id)
+    document = "line of text\n" * 100_000  # 1.3 MB, over max_payload
+    seen: list[Call] = []
+
+    async def echo(call: Call):
+        seen.append(call)
+        store = await peer.store()
+        parts = [call.context, call.args.get("tail", "")]
+        return "".join([await store.get(p) if isinstance(p, Ref) else p for p in parts])
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(peer.serve, "echo", echo)
+        reply = await client.call("echo", "repeat", context=document, timeout=20)
+        assert reply.value == document and not reply.spilled
+        kept = await client.call("echo", "repeat", context=document, timeout=20, keep_refs=True)
+        assert kept.spilled and isinstance(kept.value, Ref) and kept.value.size == len(document)
+        assert await (await client.store()).get(kept.value) == document
+        long_prompt = await client.call("echo", "p" * 300_000, context="c", timeout=20)
+        assert long_prompt.value == "c"  # a big prompt alone is sent inline, nothing spilled
+        extra = await client.call(
+            "echo", "x", context="short", args={"tail": "t" * 400_000}, timeout=20
+        )
+        assert extra.value == "short" + "t" * 400_000
+        tg.cancel_scope.cancel()
+    await spy_nc.flush()
+    await anyio.sleep(0.05)
+    await spy_nc.close()
+    assert isinstance(seen[0].context, Ref) and seen[0].context.size == len(document)
+    assert seen[2].context == "c" and seen[2].prompt == "p" * 300_000
+    assert isinstance(seen[3].args["tail"], Ref) and seen[3].context == "short"
+    assert max(spy.replies) < 2048 and len(spy.replies) == 4
+    assert sorted(spy.calls)[-2] < 2048  # only the call with the big prompt was big
+
+
+async def test_a_failure_with_a_big_partial_result_sends_it_by_ref(connect):
+    peer, client = await connect("worker"), await connect("client")
+    partial = {"done": ["row"] * 200_000}  # ~1.4 MB of partial work
+
+    async def give_up(call: Call):
+        raise BudgetExhausted("ran out of budget", partial=partial)
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(peer.serve, "worker", give_up)
+        with pytest.raises(BudgetExhausted) as failed:
+            await client.call("worker", "go", timeout=20)
+        tg.cancel_scope.cancel()
+    assert isinstance(failed.value.partial, Ref)  # nothing is lost: it is in the store
+    assert await (await client.store()).get(failed.value.partial) == partial

@@ -1,0 +1,176 @@
+"""The trace page in a real browser: headless Chromium driven over WebDriver (chromedriver).
+
+Needs the Debian packages `chromium` and `chromium-driver`; without them this test fails
+(it does not skip) and says how to install them. Only loopback traffic: chromedriver on a
+free local port, the page from a file.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from council import trace
+from council.cassette import Cassette
+from tests.test_record import PARTS, record_council
+
+pytestmark = pytest.mark.anyio
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+ELEMENT = "element-6066-11e4-a52e-4f735466cecf"
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1400,900",
+]
+
+
+class WebDriver:
+    """Just enough of the W3C WebDriver protocol, over urllib, for one session."""
+
+    def __init__(self, port: int):
+        self.base = f"http://127.0.0.1:{port}"
+        self.session = ""
+
+    def _send(self, method: str, path: str, body: Any = None) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(
+            self.base + path, data=data, method=method, headers={"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                return json.loads(resp.read())["value"]
+        except urllib.error.HTTPError as e:
+            raise AssertionError(f"webdriver {method} {path}: {e.read()[:500]!r}") from None
+
+    def start(self, profile: str) -> None:
+        caps = {
+            "browserName": "chrome",
+            "goog:chromeOptions": {
+                "binary": str(CHROMIUM),
+                "args": [*FLAGS, f"--user-data-dir={profile}"],
+            },
+        }
+        self.session = self._send("POST", "/session", {"capabilities": {"alwaysMatch": caps}})[
+            "sessionId"
+        ]
+
+    def cmd(self, method: str, path: str, body: Any = None) -> Any:
+        return self._send(method, f"/session/{self.session}{path}", body)
+
+    def js(self, script: str, *args: Any) -> Any:
+        return self.cmd("POST", "/execute/sync", {"script": script, "args": list(args)})
+
+    def find(self, css: str) -> dict[str, str]:
+        return self.cmd("POST", "/element", {"using": "css selector", "value": css})
+
+    def click(self, element: dict[str, str]) -> None:
+        self.cmd("POST", f"/element/{element[ELEMENT]}/click", {})
+
+    def displayed(self, element: dict[str, str]) -> bool:
+        return self.cmd("GET", f"/element/{element[ELEMENT]}/displayed")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def browser() -> Iterator[WebDriver]:
+    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+        pytest.fail(
+            "headless Chromium is needed to check the trace page: "
+            "apt-get update && apt-get install -y chromium chromium-driver"
+        )
+    port = _free_port()
+    profile = tempfile.mkdtemp(prefix="council-chromium-")
+    driver = subprocess.Popen(
+        [str(CHROMEDRIVER), f"--port={port}", "--allowed-ips=127.0.0.1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wd = WebDriver(port)
+    try:
+        end = time.monotonic() + 20
+        while True:
+            try:
+                if wd._send("GET", "/status").get("ready"):
+                    break
+            except (OSError, AssertionError):
+                pass
+            assert time.monotonic() < end, "chromedriver did not start"
+            time.sleep(0.05)
+        wd.start(profile)
+        yield wd
+    finally:
+        if wd.session:
+            try:
+                wd.cmd("DELETE", "")
+            except Exception:
+                pass
+        driver.terminate()
+        driver.wait(10)
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+async def test_trace_page_renders_and_a_node_expands_on_click(
+    nats_server, session_id, tmp_path, browser
+):
+    path = tmp_path / "council.jsonl"
+    await record_council(nats_server.url, session_id, path)
+    page = tmp_path / "trace.html"
+    page.write_text(trace.render_html(trace.build(Cassette.load(path))))
+
+    browser.cmd("POST", "/url", {"url": page.as_uri()})
+    assert browser.cmd("GET", "/title") == f"council trace {session_id}"
+    # it rendered: one tree row and one timeline bar per call, and loaded nothing else
+    counts = browser.js(
+        "return [document.querySelectorAll('#tree .row').length,"
+        " document.querySelectorAll('#timeline .bar').length,"
+        " performance.getEntriesByType('resource').length]"
+    )
+    assert counts == [2 * PARTS + 4, 2 * PARTS + 4, 0]
+
+    critic = browser.find("#tree .row[data-callee='critic-a']")
+    first_llm = browser.find("#tree .row[data-callee='critic-a'] + ul .row")
+    assert browser.displayed(critic) and not browser.displayed(first_llm)  # collapsed
+    browser.click(critic)
+    assert browser.displayed(first_llm)  # expanded: its 100 calls are shown
+    shown = browser.js(
+        "var ul=arguments[0].nextElementSibling; return [ul.children.length,"
+        " arguments[0].parentNode.classList.contains('collapsed'),"
+        " document.querySelector('#detail h2').textContent]",
+        critic,
+    )
+    assert shown == [PARTS, False, "chair → critic-a  [ok]"]
+    browser.click(critic)
+    assert not browser.displayed(first_llm)  # and folds again
+
+    # a timeline bar reveals its call in the tree, inside a collapsed critic
+    last_bar = browser.js("var b=document.querySelectorAll('#timeline .bar'); return b[b.length-2]")
+    browser.js("arguments[0].scrollIntoView()", last_bar)
+    browser.click(last_bar)
+    detail = browser.js("return document.querySelector('#detail').textContent")
+    assert "critic-b → llm" in detail and "is part" in detail
+    selected = browser.find("#tree .row.sel")
+    assert browser.displayed(selected)
