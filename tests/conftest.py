@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
 
+import anyio
 import pytest
 
 from channels.bus import Bus
@@ -63,3 +66,23 @@ def pid_alive(pid: int) -> bool:
 @pytest.fixture
 def clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+
+
+@asynccontextmanager
+async def serving(nats_url: str, session: str, *peers: Any) -> AsyncIterator[Bus]:
+    """Serve each peer object (anything with `name` and `run(bus)`) on its own connection;
+    yield a client Bus named "user"; stop and close everything afterwards."""
+    buses: list[Bus] = []
+    async with anyio.create_task_group() as tg:
+        for peer in peers:
+            bus = await Bus.connect(nats_url, session=session, name=peer.name)
+            buses.append(bus)
+            await tg.start(peer.run, bus)
+        client = await Bus.connect(nats_url, session=session, name="user")
+        buses.append(client)
+        try:
+            yield client
+        finally:
+            tg.cancel_scope.cancel()
+    for bus in buses:
+        await bus.close()

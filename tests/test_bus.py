@@ -241,7 +241,8 @@ async def test_events_are_published(connect):
     assert msg.subject == subjects.event(client.session, "agent", "step")
 
 
-async def test_oversize_answer_is_a_typed_failure_not_a_hang(connect):
+async def test_oversize_answer_travels_through_the_store(connect):
+    """Over max_payload the answer goes by reference; the caller still gets the value."""
     server, client = await connect("big"), await connect("client")
 
     async def big(call: Call):
@@ -249,8 +250,10 @@ async def test_oversize_answer_is_a_typed_failure_not_a_hang(connect):
 
     async with anyio.create_task_group() as tg:
         await tg.start(server.serve, "big", big)
-        with pytest.raises(CallFailed, match="max_payload"):
-            await client.call("big", "x", timeout=10)
+        reply = await client.call("big", "x", timeout=10)
+        assert reply.value == "x" * (2 * 1024 * 1024) and not reply.spilled
+        kept = await client.call("big", "x", timeout=10, keep_refs=True)
+        assert kept.spilled and kept.value.size == 2 * 1024 * 1024
         tg.cancel_scope.cancel()
 
 

@@ -14,8 +14,7 @@ import textwrap
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -36,9 +35,9 @@ from agents.models import (
     litellm,
 )
 from channels import subjects
-from channels.bus import Bus
 from channels.errors import BadRequest, BudgetExhausted, PeerError, Unavailable
 from channels.messages import Budget, Completion, Ref, decode
+from tests.conftest import serving
 
 pytestmark = pytest.mark.anyio
 
@@ -121,24 +120,6 @@ def stub() -> Iterator[StubOpenAI]:
 
 
 # -- helpers -----------------------------------------------------------------------------------
-
-
-@asynccontextmanager
-async def serving(nats_url: str, session: str, *peers: Any) -> AsyncIterator[Bus]:
-    buses = []
-    async with anyio.create_task_group() as tg:
-        for peer in peers:
-            bus = await Bus.connect(nats_url, session=session, name=peer.name)
-            buses.append(bus)
-            await tg.start(peer.run, bus)
-        client = await Bus.connect(nats_url, session=session, name="user")
-        buses.append(client)
-        try:
-            yield client
-        finally:
-            tg.cancel_scope.cancel()
-    for bus in buses:
-        await bus.close()
 
 
 # -- answers, usage, cost ----------------------------------------------------------------------

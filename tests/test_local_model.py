@@ -14,19 +14,16 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import anyio
 import pytest
 
 from agents.llm import LLMPeer
 from agents.local import LocalModelMissing, LocalModelServer, smollm2_path
-from channels.bus import Bus
 from channels.errors import BadRequest
-from tests.conftest import pid_alive
+from tests.conftest import pid_alive, serving
 
 pytestmark = [pytest.mark.anyio, pytest.mark.local_model]
 
@@ -53,20 +50,6 @@ def haystack(needle: int, sentences: int = 160, seed: int = 11) -> str:
         rng.randrange(sentences // 5, sentences * 4 // 5), f"The secret number is {needle}."
     )
     return " ".join(filler)
-
-
-@asynccontextmanager
-async def serving(nats_url: str, session: str, peer: Any) -> AsyncIterator[Bus]:
-    async with anyio.create_task_group() as tg:
-        bus = await Bus.connect(nats_url, session=session, name=peer.name)
-        await tg.start(peer.run, bus)
-        client = await Bus.connect(nats_url, session=session, name="user")
-        try:
-            yield client
-        finally:
-            tg.cancel_scope.cancel()
-    await client.close()
-    await bus.close()
 
 
 async def test_peer_extracts_a_number_from_a_2000_token_context(
@@ -165,17 +148,12 @@ async def test_smollm2_as_the_root_of_an_rlm_agent_ends_cleanly(
         model_params={"max_tokens": 160, "temperature": 0},
         repl_options={"exec_timeout": 20},
     )
-    async with anyio.create_task_group() as tg:
-        buses = []
-        for peer in (
-            agent,
-            LLMPeer("root-model", local_server.model()),
-            LLMPeer("llm", local_server.model()),
-        ):
-            bus = await Bus.connect(nats_server.url, session=session_id, name=peer.name)
-            buses.append(bus)
-            await tg.start(peer.run, bus)
-        client = await Bus.connect(nats_server.url, session=session_id, name="user")
+    peers = (
+        agent,
+        LLMPeer("root-model", local_server.model()),
+        LLMPeer("llm", local_server.model()),
+    )
+    async with serving(nats_server.url, session_id, *peers) as client:
         with anyio.fail_after(240):
             try:
                 reply = await client.call(
@@ -187,7 +165,4 @@ async def test_smollm2_as_the_root_of_an_rlm_agent_ends_cleanly(
                 outcome = e
                 assert e.kind in ("budget_exhausted", "timeout", "peer_error", "bad_request")
                 assert "Traceback" not in e.message
-        print(f"\nSmolLM2 as root: {outcome!r}"[:500])
-        tg.cancel_scope.cancel()
-    for bus in [*buses, client]:
-        await bus.close()
+    print(f"\nSmolLM2 as root: {outcome!r}"[:500])

@@ -6,22 +6,21 @@ import math
 import random
 import re
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from typing import Any
 
 import anyio
 import pytest
+
 from agents.limits import Limits
 from agents.llm import LLMPeer
 from agents.models import FunctionModel, ModelResponse
-
 from agents.prompt import PeerSpec
 from agents.rlm import RLMAgent
 from channels import subjects
-from channels.bus import Bus
 from channels.errors import BudgetExhausted
 from channels.messages import Completion, Ref, decode
+from tests.conftest import serving
 
 pytestmark = pytest.mark.anyio
 
@@ -30,25 +29,6 @@ LLM = PeerSpec("llm", "a small model that reads one piece of text")
 
 def code(body: str) -> str:
     return f"Let me work on it.\n```python\n{body}\n```"
-
-
-@asynccontextmanager
-async def running(nats_url: str, session: str, *peers: Any) -> AsyncIterator[Bus]:
-    """Serve every peer on its own connection; yield a client bus; tear all down after."""
-    buses = []
-    async with anyio.create_task_group() as tg:
-        for peer in peers:
-            bus = await Bus.connect(nats_url, session=session, name=peer.name)
-            buses.append(bus)
-            await tg.start(peer.run, bus)
-        client = await Bus.connect(nats_url, session=session, name="user")
-        buses.append(client)
-        try:
-            yield client
-        finally:
-            tg.cancel_scope.cancel()
-    for bus in buses:
-        await bus.close()
 
 
 def haystack(tokens: int, needle: int, seed: int = 1) -> str:
@@ -85,7 +65,7 @@ async def needle_run(nats_server, session: str, tokens: int) -> tuple[Any, list[
         return code(NEEDLE_CODE)
 
     agent = RLMAgent("root", calls=[LLM])
-    async with running(
+    async with serving(
         nats_server.url,
         session,
         agent,
@@ -128,7 +108,7 @@ async def test_no_code_and_errors_are_fed_back(nats_server, session_id):
         seen.append(messages[-1]["content"])
         return next(replies)
 
-    async with running(
+    async with serving(
         nats_server.url, session_id, RLMAgent("root"), LLMPeer("root-model", FunctionModel(root))
     ) as client:
         reply = await client.call("root", "What is 2 + 2?", timeout=60)
@@ -141,7 +121,7 @@ async def test_no_code_and_errors_are_fed_back(nats_server, session_id):
 async def test_final_var_and_a_ref_value(nats_server, session_id):
     steps = iter([code("big = 'x' * 2_000_000\nsmall = {'n': 3}"), code("FINAL_VAR('big')")])
 
-    async with running(
+    async with serving(
         nats_server.url,
         session_id,
         RLMAgent("root"),
@@ -184,7 +164,7 @@ async def test_every_limit_ends_with_budget_exhausted_and_the_partial_result(
             text=code(body), input_tokens=10, output_tokens=5, cost=model_cost, model="root"
         )
 
-    async with running(
+    async with serving(
         nats_server.url,
         session_id,
         RLMAgent("root", limits=limits),
@@ -205,7 +185,7 @@ async def test_time_limit_stops_a_long_sub_call(nats_server, session_id):
             return code("FINAL('late')")
         return code("import time\ntime.sleep(30)")
 
-    async with running(
+    async with serving(
         nats_server.url,
         session_id,
         RLMAgent("root", limits=Limits(seconds=1.0)),
@@ -241,7 +221,7 @@ async def test_usage_is_exact_over_a_depth_two_tree_with_fan_out(nats_server, se
                 )
         return code("parts = llm.map(['q'] * 4, contexts=list('wxyz'))\nFINAL(''.join(parts))")
 
-    async with running(
+    async with serving(
         nats_server.url,
         session_id,
         RLMAgent("root", calls=[LLM], can_spawn=True, limits=Limits(depth=1)),
@@ -265,7 +245,7 @@ async def test_a_child_past_the_depth_limit_is_refused(nats_server, session_id):
             return code("r = rlm('go deeper', context='x')\nFINAL(r)")
         return code(f"FINAL({messages[-1]['content'][-300:]!r})")
 
-    async with running(
+    async with serving(
         nats_server.url,
         session_id,
         RLMAgent("root", can_spawn=True, limits=Limits(depth=1, iterations=4)),
@@ -295,7 +275,7 @@ async def test_a_conversation_keeps_early_facts_in_history_not_in_the_prompt(
             "FINAL(name)"
         )
 
-    async with running(
+    async with serving(
         nats_server.url,
         session_id,
         RLMAgent("root"),
@@ -315,7 +295,7 @@ async def test_a_conversation_keeps_early_facts_in_history_not_in_the_prompt(
 
 
 async def test_completions_are_published_as_events(nats_server, session_id):
-    async with running(
+    async with serving(
         nats_server.url,
         session_id,
         RLMAgent("root"),

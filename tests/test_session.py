@@ -15,7 +15,7 @@ from pathlib import Path
 
 import anyio
 import pytest
-from conftest import pid_alive
+from tests.conftest import pid_alive
 
 from agents.human import ScriptedHuman
 from channels import permissions

@@ -1,13 +1,14 @@
 """The trace page in a real browser: headless Chromium driven over WebDriver (chromedriver).
 
-Needs the Debian packages `chromium` and `chromium-driver`; without them this test fails
-(it does not skip) and says how to install them. Only loopback traffic: chromedriver on a
+Needs the Debian packages `chromium` and `chromium-driver`: `.ci/run` installs them and
+makes a missing browser a failure; elsewhere the test skips, saying how to install them. Only loopback traffic: chromedriver on a
 free local port, the page from a file.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -98,10 +99,15 @@ def _free_port() -> int:
 @pytest.fixture
 def browser() -> Iterator[WebDriver]:
     if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
-        pytest.fail(
+        # A browser is a system package, not something pip can bring; CI installs it and sets
+        # COUNCIL_REQUIRE_CHROMIUM=1, so there this check runs every time or fails.
+        why = (
             "headless Chromium is needed to check the trace page: "
             "apt-get update && apt-get install -y chromium chromium-driver"
         )
+        if os.environ.get("COUNCIL_REQUIRE_CHROMIUM") == "1":
+            pytest.fail(why)
+        pytest.skip(why)
     port = _free_port()
     profile = tempfile.mkdtemp(prefix="council-chromium-")
     driver = subprocess.Popen(

@@ -23,10 +23,8 @@ if __name__ == "__main__" and "--ws" not in sys.argv:
 import argparse
 import asyncio
 import builtins
-import ctypes
 import os
 import resource
-import signal
 import threading
 import time
 from functools import partial
@@ -50,6 +48,7 @@ from channels import log
 from channels.bus import Bus
 from channels.errors import BadRequest, CallFailed, CouncilError
 from channels.messages import Call, Ref, Usage
+from channels.process import die_with_parent
 
 _log = log.get("council.repl.worker")
 
@@ -411,17 +410,6 @@ class Worker:
 # -- process set-up ----------------------------------------------------------------------
 
 
-def _die_with_parent(parent_pid: int | None) -> None:
-    """The kernel kills this worker if the agent's process dies (no orphans after a crash)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-    if parent_pid is not None and os.getppid() != parent_pid:
-        os._exit(1)
-
-
 def _watch_stdin(stdin: Any) -> None:
     """Exit as soon as the agent closes our stdin (or dies): nobody will call us again."""
 
@@ -492,7 +480,8 @@ def main(argv: list[str] | None = None) -> None:
     # The loop thread must get the GIL back quickly when a reply arrives while code runs:
     # at the default 5 ms a blocked call's tail latency is the switch interval itself.
     sys.setswitchinterval(0.0005)
-    _die_with_parent(config.parent_pid)
+    if config.parent_pid is not None:
+        die_with_parent(config.parent_pid)
     _watch_stdin(stdin)
     try:
         anyio.run(serve, config)
