@@ -21,7 +21,9 @@ all sides alike; wall times are medians over rounds. The sides:
                      `llm_query_batched` (its handler runs 16 at a time), in its own venv;
 - council            a Council session: agent `root` whose code calls `llm.map`, the `llm`
                      peer bounded at 16 in flight (see council_once);
-- council:lean       the same with litellm's lean route switched on in that process.
+- council:lean       the same with litellm's lean route switched on in that process;
+- council:function   the same with a plain function answering the sub-calls (no HTTP,
+                     no litellm): the framework's own cost. Not a comparison, a diagnosis.
 
 Every run is checked against the server's own count (N sub-calls, one root turn) and
 the answer text. Peak memory uses a 10M-token context (~40 MB of text): the peak of
@@ -255,7 +257,9 @@ def rlms_once(stub: str, run: str, n: int, context: str) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def council_once(stub: str, run: str, n: int, context: str, *, lean: bool = False) -> dict:
+def council_once(
+    stub: str, run: str, n: int, context: str, *, lean: bool = False, function_sub: bool = False
+) -> dict:
     """A Council session answering the same request: agent `root` (root model `openai/root`)
     whose code calls the `llm` peer (`openai/sub`, 16 in flight) with `llm.map`.
 
@@ -265,6 +269,8 @@ def council_once(stub: str, run: str, n: int, context: str, *, lean: bool = Fals
     The scripted models get a price, as any model in litellm's table has one (an
     unpriced model costs litellm a slow failed lookup per call). `lean` also routes
     openai/ models through litellm's own HTTP handler instead of the OpenAI SDK.
+    `function_sub` answers the sub-calls with a plain function instead of a model over
+    HTTP: what is left is the framework's own cost (bus, peers, REPL fan-out).
     """
     import anyio
 
@@ -273,7 +279,7 @@ def council_once(stub: str, run: str, n: int, context: str, *, lean: bool = Fals
 
     sys.path.insert(0, str(REPO))
     from agents.limits import Limits
-    from agents.models import LiteLLMModel
+    from agents.models import FunctionModel, LiteLLMModel
     from council.declare import LLM, Agent, Council
     from council.session import Session
 
@@ -282,6 +288,8 @@ def council_once(stub: str, run: str, n: int, context: str, *, lean: bool = Fals
         name: LiteLLMModel(name, api_base=base, api_key="stub", **PRICES)
         for name in ("openai/root", "openai/sub")
     }
+    if function_sub:
+        models["openai/sub"] = FunctionModel(lambda messages: "ok done", name="sub")
     council = Council(
         entry="root",
         peers=[
@@ -300,7 +308,7 @@ def council_once(stub: str, run: str, n: int, context: str, *, lean: bool = Fals
     out = anyio.run(go)
     if not out["answer"].startswith(f"{n} answers"):
         raise RuntimeError(f"council answered {out['answer'][:200]!r}")
-    s = check_run(stub, run, n, roots=1)
+    s = check_run(stub, run, 0 if function_sub else n, roots=1)
     return {
         "wall": out["wall"],
         "tokens_reported": out["tokens"],
@@ -324,8 +332,15 @@ def side_once(side: str, stub: str, run: str, n: int, context: str) -> dict:
         return litellm_once(stub, run, n, context, side.split(":", 1)[1])
     if side == "rlms":
         return rlms_once(stub, run, n, context)
-    if side in ("council", "council:lean"):
-        return council_once(stub, run, n, context, lean=side == "council:lean")
+    if side in ("council", "council:lean", "council:function"):
+        return council_once(
+            stub,
+            run,
+            n,
+            context,
+            lean=side == "council:lean",
+            function_sub=side == "council:function",
+        )
     raise SystemExit(f"unknown side {side!r}")
 
 
@@ -449,6 +464,8 @@ def run_worker(
             sizes = {p: _rss(p) for p in _tree(proc.pid)}
             peak = max(peak, sum(sizes.values()))
             for p, size in sizes.items():
+                if not size:  # gone between listing and reading
+                    continue
                 label = labels.get(p) or labels.setdefault(p, _label(p))
                 per[label] = max(per.get(label, 0), size)
 
@@ -476,7 +493,7 @@ def main() -> None:
     ap.add_argument(
         "--sides",
         default="floor,floor:rlms-venv,litellm:default,litellm:priced,litellm:lean,"
-        "litellm:ours,rlms,council,council:lean",
+        "litellm:ours,rlms,council,council:lean,council:function",
     )
     ap.add_argument(
         "--quick", action="store_true", help="N=20,50, 100k chars, 1 round, 1M-token memory run"
@@ -492,11 +509,13 @@ def main() -> None:
         worker(a.worker, a.stub, ns, a.chars, a.warmup)
         return
     if a.quick:
-        ns, a.rounds, a.chars, a.memory_tokens = [20, 50], 1, 100_000, 1_000_000
+        ns, a.rounds, a.chars = [20, 50], 1, 100_000
+        a.memory_tokens = min(a.memory_tokens, 1_000_000)
     sides = a.sides.split(",")
     if any(s in RLMS_VENV_SIDES for s in sides):
         ensure_rlms_venv()
 
+    load_before = os.getloadavg()
     stub = Stub()
     walls: dict[str, dict[int, list[float]]] = {s: {n: [] for n in ns} for s in sides}
     extra: dict[str, dict] = {}
@@ -553,10 +572,11 @@ def main() -> None:
     finally:
         stub.close()
 
-    print(report(ns, sides, walls, cpus, extra, memory, errors, lib_versions, a))
+    load = {"before": load_before, "after": os.getloadavg()}
+    print(report(ns, sides, walls, cpus, extra, memory, errors, lib_versions, load, a))
 
 
-def report(ns, sides, walls, cpus, extra, memory, errors, versions_seen, a) -> str:
+def report(ns, sides, walls, cpus, extra, memory, errors, versions_seen, load, a) -> str:
     med = {s: {n: statistics.median(walls[s][n]) for n in ns if walls[s][n]} for s in sides}
     # The floor at each N: the faster of the floors measured (the stricter baseline).
     floor = {}
@@ -612,7 +632,7 @@ def report(ns, sides, walls, cpus, extra, memory, errors, versions_seen, a) -> s
             f"tree {m['peak_rss_mb']:.0f} MB ({parts}), wall {m['wall']:.2f}s"
         )
     for s in sides:
-        if not s.startswith(("rlms", "council")):
+        if not s.startswith(("rlms", "council")) or s == "council:function":
             continue
         for n, e in sorted(extra.get(s, {}).items()):
             if "tokens_reported" in e:
@@ -622,9 +642,14 @@ def report(ns, sides, walls, cpus, extra, memory, errors, versions_seen, a) -> s
                 )
     for s, e in errors.items():
         lines.append(f"FAILED {s}: {e}")
+    lines.append(
+        f"load average (1 min) before/after: {load['before'][0]:.2f} / {load['after'][0]:.2f} "
+        f"on {os.cpu_count()} cores"
+    )
 
     fig: dict = {
         "machine": f"{os.cpu_count()} cores, shared with other work",
+        "load_avg_1m": {k: round(v[0], 2) for k, v in load.items()},
         "context_chars": a.chars,
         "concurrency": CONCURRENCY,
         "rounds": a.rounds,
@@ -660,7 +685,7 @@ def report(ns, sides, walls, cpus, extra, memory, errors, versions_seen, a) -> s
                 for n, e in v.items()
             }
             for s, v in extra.items()
-            if s.startswith(("rlms", "council"))
+            if s.startswith(("rlms", "council")) and s != "council:function"
         },
         "errors": errors,
     }

@@ -1,6 +1,10 @@
-"""The `council` command: show, run and serve councils, answer as a human, run the demo.
+"""The `council` command: show, run and serve councils, answer as a human, trace a
+recorded session, run the demo.
 
 A council is named as FILE.py:NAME (or module:NAME); NAME defaults to `council`.
+`council run` records every session into ./sessions/<session>.jsonl (--no-record to
+skip); `council run --replay CASSETTE` runs it again with the models and humans answered
+from the recording; `council trace CASSETTE` shows who called whom, at what cost.
 """
 
 from __future__ import annotations
@@ -9,7 +13,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -20,45 +23,22 @@ import anyio
 from channels import log
 from channels.bus import Bus
 from channels.errors import CouncilError
-from channels.messages import Call, new_id
-from channels.server import embedded_server
+from channels.messages import new_id
 from council.declare import load_target
 
 
-async def _demo(nats_url: str | None) -> dict[str, object]:
-    """For now: start (or reach) a server, serve a peer, and make a round trip through the bus."""
-    session = "demo-" + new_id()[:8]
-    print(f"session {session}")
+async def _demo(nats_url: str | None, replay: bool = False) -> dict[str, object]:
+    """The offline demo: example 1 and a small council, then their call trees (council/demo.py)."""
+    from council import demo
 
-    async def run(url: str) -> dict[str, object]:
-        async with (
-            await Bus.connect(url, session=session, name="echo") as server,
-            await Bus.connect(url, session=session, name="you") as client,
-        ):
+    return await demo.run(replay=demo.wants_replay(replay), nats_url=nats_url)
 
-            async def echo(call: Call) -> str:
-                return call.prompt.upper()
 
-            async with anyio.create_task_group() as tg:
-                await tg.start(server.serve, "echo", echo)
-                print("peer 'echo' is serving; calling it from 'you'")
-                t0 = time.perf_counter()
-                reply = await client.call("echo", "hello, council")
-                elapsed = time.perf_counter() - t0
-                print(
-                    f"you -> echo: 'hello, council'  =>  {reply.value!r} in {elapsed * 1e3:.2f} ms"
-                )
-                tg.cancel_scope.cancel()
-        return {"session": session, "reply": reply.value, "round_trip_ms": round(elapsed * 1e3, 3)}
+SESSIONS_DIR = "sessions"  # relative to the working directory; $COUNCIL_SESSIONS overrides
 
-    if nats_url:
-        print(f"using NATS at {nats_url}")
-        return await run(nats_url)
-    async with embedded_server() as server:
-        print(f"started embedded nats-server at {server.url} (pid {server.pid})")
-        result = await run(server.url)
-    print("stopped the embedded nats-server")
-    return result
+
+def sessions_dir() -> Path:
+    return Path(os.environ.get("COUNCIL_SESSIONS") or SESSIONS_DIR)
 
 
 _TARGET_HELP = "the council: FILE.py:NAME or module:NAME (NAME defaults to 'council')"
@@ -100,7 +80,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default=None, help="debug, info, warning (default), error")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = sub.add_parser("demo", help="run the offline demo (one round trip on the bus)")
+    demo = sub.add_parser(
+        "demo",
+        help="run the offline demo: an RLM over a generated haystack and a small council",
+        description="Start the embedded nats-server, run examples/needle.py and the review "
+        "council with SmolLM2 as the sub-LLM (the `local` extra), or from the bundled "
+        "cassettes when it is not installed, and print the call trees.",
+    )
+    demo.add_argument(
+        "--replay",
+        action="store_true",
+        help="answer the models and the human from the bundled cassettes even when SmolLM2 "
+        "is installed (also: COUNCIL_DEMO_REPLAY=1)",
+    )
     demo.add_argument(
         "--nats",
         default=os.environ.get("NATS_URL"),
@@ -152,6 +144,27 @@ def _parser() -> argparse.ArgumentParser:
         help="start the embedded server without per-peer users (any peer may call any peer)",
     )
     run.add_argument("--timeout", type=float, default=600.0, help="seconds for the whole request")
+    recording = run.add_mutually_exclusive_group()
+    recording.add_argument(
+        "--record",
+        metavar="PATH",
+        help="write the session's cassette here (default: $COUNCIL_SESSIONS/SESSION.jsonl, "
+        f"else ./{SESSIONS_DIR}/SESSION.jsonl)",
+    )
+    recording.add_argument("--no-record", action="store_true", help="do not record the session")
+    run.add_argument(
+        "--replay",
+        metavar="CASSETTE",
+        help="answer the LLM peers, the agents' models and the humans from this recording "
+        "(agents, their code and function peers run for real); no model is called, no API "
+        "key needed. Not recorded unless --record is given",
+    )
+    run.add_argument(
+        "--strict",
+        action="store_true",
+        help="with --replay: fail if a request differs from the recording or a recorded "
+        "call is never made",
+    )
     run.add_argument("--json", action="store_true", help="print the result (value, usage) as JSON")
     shown = run.add_mutually_exclusive_group()
     shown.add_argument(
@@ -204,6 +217,14 @@ def _parser() -> argparse.ArgumentParser:
     human.add_argument("--name", default=os.environ.get("USER", "human"), help="the human peer")
     _nats_args(human, required=True, embedded=False)
     human.add_argument("--session", required=True, help="the session id (printed by `council run`)")
+
+    from council import trace
+
+    trace.add_parser(sub).description = (
+        "Print the call tree of a recorded session (who called whom, prompt previews, "
+        "tokens, cost, time, failures); --html writes a self-contained page with a "
+        "collapsible tree and a timeline."
+    )
     return p
 
 
@@ -227,7 +248,7 @@ def _rights(args: argparse.Namespace) -> int:
     from channels.permissions import rights
 
     council = load_target(args.target)
-    r = rights(args.session, council.edges(), serves=council.serves())
+    r = rights(args.session, council.edges(), serves=council.serves(), slots=council.slots())
     out = Path(args.out or f"council-rights-{args.session}.json")
     out.touch(mode=0o600, exist_ok=True)
     out.chmod(0o600)
@@ -290,17 +311,34 @@ async def _run(args: argparse.Namespace) -> int:
     given = _load_rights(args.rights)
     if given is not None and not args.nats:
         raise CouncilError("--rights is for an external server: pass its URL with --nats")
+    if args.strict and not args.replay:
+        raise CouncilError("--strict is for replays: add --replay CASSETTE")
+    session = args.session or "s" + new_id()[:12]
+    record: Path | None = None
+    if args.record:
+        record = Path(args.record)
+    elif not (args.no_record or args.replay):
+        record = sessions_dir() / f"{session}.jsonl"
+    if args.replay:  # the recording answers for every human: no endpoint to open
+        humans, endpoints, human = [], {}, None
     async with Session(
         council,
         nats_url=args.nats,
         rights=given if given is not None else not args.no_rights,
-        session=args.session,
+        session=session,
         local=args.local,
         humans=endpoints,
         credentials=credentials,
         timeout=args.timeout,
+        record=record,
+        replay=args.replay,
+        strict=args.strict,
     ) as s:
         print(f"session {s.session} on {s.url}", file=sys.stderr)
+        if record is not None:
+            print(f"recording to {record}", file=sys.stderr)
+        if s.replayer is not None:
+            print(f"replaying {', '.join(s.replayer.names)} from {args.replay}", file=sys.stderr)
         progress = sys.stderr.isatty() if args.progress is None else args.progress
         if progress:
             from council.progress import watch
@@ -318,7 +356,12 @@ async def _run(args: argparse.Namespace) -> int:
                     f"--nats {s.url} --session {s.session}",
                     file=sys.stderr,
                 )
-        result = await s.ask(prompt, context=context, timeout=args.timeout, notify=human)
+        result = await s.ask(
+            prompt,
+            context=context,
+            timeout=args.timeout,
+            notify=human,
+        )
     if args.json:
         print(result.model_dump_json())
     else:
@@ -331,6 +374,10 @@ async def _run(args: argparse.Namespace) -> int:
             f"{u.wall_time:.2f}s",
             file=sys.stderr,
         )
+    if record is not None:
+        print(f"recorded to {record} (show it: council trace {record})", file=sys.stderr)
+    if s.replayer is not None:
+        print(s.replayer.report(), file=sys.stderr)
     return 0
 
 
@@ -386,7 +433,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.configure(args.log_level)
     try:
         if args.command == "demo":
-            result = anyio.run(_demo, args.nats)
+            result = anyio.run(partial(_demo, args.nats, args.replay))
             print(json.dumps(result))
             return 0
         if args.command == "show":
@@ -399,6 +446,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return anyio.run(_serve, args)
         if args.command == "human":
             return anyio.run(_human, args)
+        if args.command == "trace":
+            return args.func(args)
     except CouncilError as e:
         print(f"council {args.command}: {e}", file=sys.stderr)
         return 2

@@ -113,10 +113,22 @@ class Agent(_Peer):
     calls: list[str] = Field(default_factory=list)
     can_spawn: bool = False
     limits: Limits = Field(default_factory=Limits)
+    concurrency: int = Field(
+        default=8,
+        ge=1,
+        le=512,
+        description="requests answered at once (each runs in a REPL worker process of its own)",
+    )
 
     @property
     def signature(self) -> str:
         return "(prompt: str, context=None) -> Any"
+
+    @property
+    def repl_slots(self) -> int:
+        """How many REPL workers may be up at once, so how many REPL names its rights cover:
+        one per request in flight, and as many again for child agents (their own pool)."""
+        return self.concurrency * (2 if self.can_spawn else 1)
 
     @property
     def calls_(self) -> list[str]:
@@ -490,6 +502,11 @@ class Council(BaseModel):
             for p in self.peers
             if isinstance(p, Agent)
         }
+
+    def slots(self) -> dict[str, int]:
+        """Names that stand for numbered families in the rights: an agent's REPL workers are
+        `<agent>-repl`, `<agent>-repl-2`, ... up to its `repl_slots`."""
+        return {p.repl_peer: p.repl_slots for p in self.peers if isinstance(p, Agent)}
 
     # -- data ----------------------------------------------------------------------------
 

@@ -1,5 +1,14 @@
 """pytest plugin: a cassette per test, replayed by default, re-recorded on request.
 
+A whole council (agents and their REPL code run for real; models and humans replayed):
+
+    async def test_review(council_cassette):
+        async with council_cassette.session(council, models=..., humans=...) as s:
+            result = await s.ask("Review this draft", context=draft)
+        assert result.value == ...
+
+Plain bus peers:
+
     async def test_review(council_cassette):
         async with council_cassette.run({"llm": my_llm_peer}) as bus:
             reply = await bus.call("llm", "review this")
@@ -26,7 +35,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import pytest
@@ -37,6 +46,10 @@ from council import cassette as cassette_mod
 from council.cassette import Cassette, CassetteError, blobs_dir_name
 from council.record import Recorder
 from council.replay import Replayer, ReplayPeer
+
+if TYPE_CHECKING:
+    from council.declare import Council
+    from council.session import Session
 
 MODES = ("none", "once", "new_episodes", "all")
 
@@ -101,7 +114,7 @@ class CouncilCassette:
         self.url = url
         self.replay_names = replay
         self.strict = strict
-        self.session = "t" + uuid.uuid4().hex[:10]
+        self.session_id = "t" + uuid.uuid4().hex[:10]
         exists = path.is_file()
         self.recording = mode == "all" or (mode in ("once", "new_episodes") and not exists)
         self.extending = mode == "new_episodes" and exists  # replay + live for new requests
@@ -141,7 +154,7 @@ class CouncilCassette:
         """A recorder writing this test's cassette (in place only once the test passes)."""
         self._recorder = Recorder(
             nc,
-            session or self.session,
+            session or self.session_id,
             self._recording_path,
             blobs=blobs_dir_name(self.path),
             **header,
@@ -150,9 +163,45 @@ class CouncilCassette:
 
     async def connect(self, name: str) -> Bus:
         """A bus in this test's session, closed when the test ends."""
-        bus = await Bus.connect(self.url, session=self.session, name=name)
+        bus = await Bus.connect(self.url, session=self.session_id, name=name)
         self._buses.append(bus)
         return bus
+
+    # -- a whole council ------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def session(self, council: Council, **session_kwargs: Any) -> AsyncIterator[Session]:
+        """A Session of `council` (its own embedded server, rights on) that records this
+        test's cassette (modes all, and once/new_episodes without a cassette yet) or replays
+        it: the LLM peers, the agents' model peers and the humans answer from the cassette
+        (or the marker's `replay=` names), so `models=` and `humans=` are only used live.
+        new_episodes with an existing cassette replays what it holds, answers new requests
+        with the real models and humans, and saves both."""
+        from council.session import Session, replayed_names
+
+        kwargs: dict[str, Any] = {"session": self.session_id, **session_kwargs}
+        if self.recording:
+            s = Session(council, record=self._recording_path, **kwargs)
+        else:
+            if not self.path.is_file():
+                self.peers_to_replay()  # raises: no cassette, and how to record it
+            names = self.replay_names or replayed_names(council, kwargs.get("local"))
+            self.replayer = Replayer(self.path, names, strict=self.strict, normalize=self.normalize)
+            s = Session(
+                council,
+                replay=self.replayer,
+                strict=self.strict and not self.extending,
+                record=self._recording_path if self.extending else None,
+                replay_live=self.extending,
+                **kwargs,
+            )
+        s.record_options["blobs"] = blobs_dir_name(self.path)
+        try:
+            async with s:
+                yield s
+        finally:
+            self._recorder = s.recorder
+        await self.finish()  # the test sees a mismatch where its session ended
 
     # -- all in one, for plain bus peers ------------------------------------------------
 
@@ -168,7 +217,7 @@ class CouncilCassette:
                         rec_bus = await self.connect("recorder")
                         await self.recorder(rec_bus.nc, replay=names).start()
                     if self.recording:
-                        await self._serve(tg, live, self.session)
+                        await self._serve(tg, live, self.session_id)
                     else:
                         forward = None
                         if self.extending:
@@ -198,7 +247,7 @@ class CouncilCassette:
     ) -> Callable[[Call], Awaitable[Reply]]:
         """new_episodes: the real peers serve a shadow session; requests the cassette lacks
         go there, and their answers reach the caller (and so the new recording)."""
-        shadow = self.session + "-live"
+        shadow = self.session_id + "-live"
         await self._serve(tg, live, shadow)
         out = await Bus.connect(self.url, session=shadow, name="replay-forward")
         self._buses.append(out)

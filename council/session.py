@@ -12,6 +12,13 @@ generated from the declaration). With `nats_url` the session uses that server in
 and `local=` picks the peers to run here (the rest run elsewhere, `council serve`).
 Whatever happens (an answer, an exception, Ctrl-C) the exit stops the peers, closes
 every connection, deletes the session's data and stops the embedded server.
+
+`record=PATH` writes every message of the session to a cassette (council/record.py);
+`replay=CASSETTE` answers the LLM peers, the agents' model peers and the humans from one
+(council/replay.py) while agents, their REPL code and function peers run for real:
+
+    async with Session(council, record="sessions/review.jsonl") as s: ...
+    async with Session(council, replay="sessions/review.jsonl", strict=True) as s: ...
 """
 
 from __future__ import annotations
@@ -20,6 +27,8 @@ import os
 import signal
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from contextlib import AsyncExitStack
+from functools import partial
+from pathlib import Path
 from typing import Any, Protocol
 
 import anyio
@@ -28,10 +37,13 @@ from pydantic import BaseModel, ConfigDict
 
 from channels import log, permissions, subjects
 from channels.bus import DEFAULT_TIMEOUT, Bus
-from channels.errors import CouncilError
-from channels.messages import Usage, Value, new_id
+from channels.errors import BadRequest, CouncilError
+from channels.messages import Call, Reply, Usage, Value, new_id
 from channels.server import embedded_server
+from council.cassette import Cassette
 from council.declare import LLM, Agent, Council, Function, Human
+from council.record import Recorder, answered_by_models_or_humans
+from council.replay import Replayer, ReplayMismatch
 
 _log = log.get("council.session")
 
@@ -132,8 +144,13 @@ def build(
     if isinstance(decl, Agent):
         llm = _import("agents.llm", f"the model of agent {decl.name!r}")
         rlm = _import("agents.rlm", f"agent {decl.name!r}")
+        # Every REPL worker of the agent (one per request in flight, child agents' and
+        # conversations' too) connects as `<agent>-repl` and takes one of the numbered names
+        # that user's rights cover.
         user, password = credentials(decl.repl_peer) if credentials else (None, None)
-        repl_options = {"user": user, "password": password} if user else {}
+        repl_options: dict[str, Any] = {"slots": decl.repl_slots}
+        if user:
+            repl_options |= {"user": user, "password": password}
         agent = rlm.RLMAgent(
             decl.name,
             model=decl.model_peer,
@@ -142,6 +159,7 @@ def build(
             instructions=decl.instructions,
             description=decl.description,
             can_spawn=decl.can_spawn,
+            concurrency=decl.concurrency,
             repl_options=repl_options,
         )
         thinker = llm.LLMPeer(
@@ -151,6 +169,19 @@ def build(
         )
         return [agent, thinker]
     raise TypeError(f"unknown kind of peer: {decl!r}")
+
+
+def replayed_names(council: Council, local: Iterable[str] | None = None) -> list[str]:
+    """The names a replay answers from the cassette: LLM peers, each agent's model peer,
+    humans (of the peers in `local`, by default all)."""
+    names: list[str] = []
+    for name in council.names() if local is None else local:
+        decl = council.peer(name)
+        if isinstance(decl, LLM | Human):
+            names.append(decl.name)
+        elif isinstance(decl, Agent):
+            names.append(decl.model_peer)
+    return names
 
 
 # -- the session ---------------------------------------------------------------------------
@@ -172,7 +203,18 @@ class Session:
         credentials: Mapping[str, tuple[str, str]] | tuple[str, str] | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         keep_data: bool = False,
+        record: str | Path | None = None,
+        replay: str | Path | Cassette | Replayer | None = None,
+        strict: bool = False,
+        replay_live: bool = False,
     ) -> None:
+        """`record`: the cassette to write (its blobs go beside it). `replay`: a cassette (or
+        a Replayer, to choose the peers or how requests match) whose recorded answers stand in
+        for the LLM peers, the agents' model peers and the humans; no endpoint is opened for a
+        replayed human. At exit the unused recordings are logged; with `strict` a request the
+        cassette did not hold raises ReplayMismatch, and unused recordings UnusedRecordings.
+        `replay_live`: a request the cassette does not hold is answered by the real peer
+        instead (pytest's new_episodes); human endpoints are then opened as usual."""
         self.council = council.check()
         self.nats_url = nats_url
         # True: generate users for the embedded server. A Rights: the users an external
@@ -197,6 +239,16 @@ class Session:
         self._credentials = credentials
         self.timeout = timeout
         self.keep_data = keep_data
+        self.record_path = Path(record) if record is not None else None
+        self.recorder: Recorder | None = None
+        self.record_options: dict[str, Any] = {}  # more Recorder options (e.g. blobs=...)
+        self.strict = strict
+        self.replay_live = replay_live
+        self.replayer = self._replayer(replay) if replay is not None else None
+        self.replayed: set[str] = set(self.replayer.names) if self.replayer else set()
+        for name in list(self.humans):
+            if name in self.replayed and not replay_live:  # the cassette answers for them
+                del self.humans[name]
         self.rights: permissions.Rights | None = given
         self.url: str | None = nats_url
         self.server_pid: int | None = None
@@ -205,6 +257,21 @@ class Session:
         self._stack: AsyncExitStack | None = None
         self._tg: TaskGroup | None = None
         self._buses: list[Bus] = []
+
+    def _replayer(self, replay: str | Path | Cassette | Replayer) -> Replayer:
+        if isinstance(replay, Replayer):
+            return replay
+        names = replayed_names(self.council, self.local)
+        return Replayer(replay, names, strict=self.strict)  # refuses a bad cassette now
+
+    def _model_names(self) -> dict[str, str]:
+        """For the cassette's header: the model behind each peer a replay would answer."""
+        _, models = answered_by_models_or_humans(self.council)
+        for peer, spec in models.items():
+            given = self.models.get(spec)
+            if given is not None:
+                models[peer] = given if isinstance(given, str) else getattr(given, "name", spec)
+        return models
 
     # -- credentials ----------------------------------------------------------------------
 
@@ -261,7 +328,10 @@ class Session:
             config = ""
             if self.use_rights:
                 self.rights = permissions.rights(
-                    self.session, self.council.edges(), serves=self.council.serves()
+                    self.session,
+                    self.council.edges(),
+                    serves=self.council.serves(),
+                    slots=self.council.slots(),
                 )
                 config = self.rights.authorization()
             server = await stack.enter_async_context(embedded_server(config_extra=config))
@@ -271,13 +341,38 @@ class Session:
         stack.push_async_callback(self._close_buses)
         self.client = await self.connect(RUNNER)
         stack.push_async_callback(self._drop_data)
+        if self.record_path is not None:
+            # Listening before any peer starts; stopped once they all have, while the store
+            # still holds the values its Refs name.
+            recording = await self.connect("recorder")
+            self.recorder = Recorder(
+                recording.nc,
+                self.session,
+                self.record_path,
+                council=self.council,
+                models=self._model_names(),
+                meta={"entry": self.council.entry, "local": self.local},
+                **self.record_options,
+            )
+            await self.recorder.start()
+            stack.push_async_callback(self._stop_recording)
         tg = await stack.enter_async_context(anyio.create_task_group())
         stack.callback(tg.cancel_scope.cancel)  # runs first on exit: stop every peer
         self._tg = tg
         for name in self.local:
+            if name in self.replayed:
+                continue  # an LLM peer or a human: the cassette answers
             for peer in build(self.council, name, models=self.models, credentials=self.credentials):
+                if peer.name in self.replayed:
+                    continue  # an agent's model peer
                 bus = await self.connect(peer.name)
                 await tg.start(peer.run, bus)
+                self.peers[peer.name] = peer
+        if self.replayer is not None:
+            if self.replay_live:
+                self.replayer.forward = await self._live_forward()
+            for peer in self.replayer.peers():
+                await tg.start(peer.run, await self.connect(peer.name))
                 self.peers[peer.name] = peer
         for human, endpoint in self.humans.items():
             decl = self.council.peer(human)
@@ -285,13 +380,73 @@ class Session:
             await tg.start(endpoint.run, await self.connect(decl.desk))
         _log.info("session.started", session=self.session, url=self.url, local=self.local)
 
+    async def _live_forward(self) -> Callable[[Call], Awaitable[Reply]]:
+        """The real peers behind the replayed names, called directly (not served: the
+        cassette's peers hold their subjects) for the requests the cassette lacks."""
+        from agents.human import HumanPeer, open_bucket
+
+        handlers: dict[str, Callable[[Call], Awaitable[Any]]] = {}
+        for name in self.local:
+            for peer in build(self.council, name, models=self.models, credentials=self.credentials):
+                if peer.name not in self.replayed:
+                    continue
+                bus = await self.connect(peer.name)
+                if isinstance(peer, HumanPeer):
+                    peer._kv = await open_bucket(bus)  # what its run() prepares before serving
+                    handlers[peer.name] = peer.ask
+                else:
+                    handlers[peer.name] = partial(peer.handle, bus)  # type: ignore[attr-defined]
+
+        async def forward(call: Call) -> Reply:
+            handler = handlers.get(call.callee)
+            if handler is None:
+                raise BadRequest(
+                    f"{call.callee!r} is replayed from the cassette and not run here, so a new "
+                    "request to it cannot be answered live; run the session with it local",
+                    call_id=call.id,
+                    callee=call.callee,
+                )
+            out = await handler(call)
+            return out if isinstance(out, Reply) else Reply(value=out)
+
+        return forward
+
     async def __aexit__(self, *exc: Any) -> bool | None:
         stack, self._stack = self._stack, None
         if stack is None:
             return None
         out = await _unwind(stack, *exc)
         _log.info("session.ended", session=self.session)
+        self._end_replay(exc[1] if len(exc) > 1 else None)
         return out
+
+    async def _stop_recording(self) -> None:
+        if self.recorder is None:
+            return
+        with anyio.CancelScope(shield=True):
+            summary = await self.recorder.stop()
+        _log.info("session.recorded", path=str(summary.path), entries=summary.entries)
+
+    def _end_replay(self, error: BaseException | None) -> None:
+        """Say what the replay left unused; with `strict`, fail on anything unfaithful.
+
+        A mismatch replaces the error it caused (a peer's bad_request surfacing through the
+        agents) with the request that first differed; an unrelated error stays as it is.
+        """
+        replayer = self.replayer
+        if replayer is None:
+            return
+        faithful = not replayer.mismatches and not replayer.unused()
+        (_log.info if faithful else _log.warning)("session.replayed", report=replayer.report())
+        if not self.strict or (error is not None and not isinstance(error, CouncilError)):
+            return
+        if replayer.mismatches:
+            try:
+                replayer.check(strict=False)
+            except ReplayMismatch as mismatch:
+                raise mismatch from error
+        if error is None:
+            replayer.check(strict=True)
 
     async def _drop_data(self) -> None:
         """Session data is not kept unless asked: the human bucket and the store scope."""

@@ -264,6 +264,8 @@ def test_cli_show_run_and_errors_that_name_the_fix(
     for needle in ("'chair' has no model", "calls 'critic'", "entry 'boss'", "'llm' has no model"):
         assert needle in err, err
 
+    # `council run` records by default: into this test's folder, not the repo.
+    monkeypatch.setenv("COUNCIL_SESSIONS", str(tmp_path / "sessions"))
     # The human answers on the terminal endpoint `council run` opens (stdin here).
     monkeypatch.setattr(sys, "stdin", io.StringIO("publish it\n"))
     assert main(["run", f"{council_file}:council", "--prompt", DRAFT, "--json"]) == 0
@@ -276,6 +278,7 @@ def test_cli_show_run_and_errors_that_name_the_fix(
     assert main(["run", f"{council_file}:council"]) == 0
     out, err = capsys.readouterr()
     assert json.loads(out[: out.rindex("}") + 1]) == EXPECTED
+    assert len(list((tmp_path / "sessions").glob("*.jsonl"))) == 2
     assert "request for chair>" in err
 
     assert main(["run", f"{council_file}:council", "--prompt", "x", "--context", "nope"]) == 2

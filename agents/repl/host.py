@@ -51,6 +51,7 @@ _log = log.get("council.repl")
 
 DEFAULT_EXEC_TIMEOUT = 120.0
 DEFAULT_MEMORY_MB = 2048
+PING_TIMEOUT = 0.25  # is a REPL name served elsewhere? a live worker answers within ms
 GRACE = 2.0  # past an execution's deadline, how long to wait for the worker's own timeout reply
 EVENT_OUTPUT_LIMIT = 256_000
 
@@ -107,6 +108,9 @@ class Repl:
     Executions run one at a time. `exec_timeout` caps each one (a call's own deadline may
     cut it shorter); `memory_mb` is what code may allocate on top of the worker's footprint;
     `output_cap` is how many characters of stdout (and of stderr) are kept per execution.
+    `slots` caps the names concurrent REPLs of one agent take (`<agent>-repl`, `-repl-2`, ...
+    `-repl-<slots>`, the names the agent's NATS rights cover): a REPL starting while all are
+    in use waits for one to be freed, up to `startup_timeout`.
     """
 
     def __init__(
@@ -126,6 +130,7 @@ class Repl:
         password: str | None = None,
         startup_timeout: float = 30.0,
         inline_limit: int | None = None,
+        slots: int | None = None,
     ) -> None:
         self.agent = subjects.check_name(agent, "agent name")
         if isinstance(bus, Bus):
@@ -151,6 +156,7 @@ class Repl:
         self._user, self._password = user, password
         self.startup_timeout = startup_timeout
         self._inline_limit = inline_limit
+        self.slots = slots
         self._proc: Process | None = None
         self._workdir: str | None = None
         self._logdir = tempfile.mkdtemp(prefix=f"council-repl-{self.agent}-log-")
@@ -212,26 +218,41 @@ class Repl:
             _taken.add((self.session, self._wanted_name))
             return self._wanted_name
         base = f"{self.agent}-repl"
-        k = 1
+        waited_until = time.monotonic() + self.startup_timeout
         while True:
-            name = base if k == 1 else f"{base}-{k}"
-            k += 1
-            if (self.session, name) in _taken:
-                continue
-            _taken.add((self.session, name))
-            if await self._serving(name):  # a REPL of the same agent in another process
-                _taken.discard((self.session, name))
-                continue
-            return name
+            k = 1
+            while self.slots is None or k <= self.slots:
+                name = base if k == 1 else f"{base}-{k}"
+                k += 1
+                if (self.session, name) in _taken:
+                    continue
+                _taken.add((self.session, name))
+                if await self._serving(name):  # a REPL of the same agent in another process
+                    _taken.discard((self.session, name))
+                    continue
+                return name
+            # Every name the rights cover is in use: wait for one, rather than take a name
+            # the server would refuse.
+            if time.monotonic() > waited_until:
+                raise WorkerFailed(
+                    f"all {self.slots} REPL names of agent {self.agent!r} stayed in use for "
+                    f"{self.startup_timeout}s (one per request in flight, and per open "
+                    "conversation); raise the agent's concurrency, or end conversations"
+                )
+            await anyio.sleep(0.05)
 
     async def _serving(self, name: str) -> bool:
+        """Whether a worker (of another process) answers `name`. A worker answers a ping from
+        its event loop at once, even while code runs (code has a thread of its own); silence
+        means only listeners such as a session recorder, whose wildcard subscription also
+        keeps the server from saying "no responders"."""
         assert self._bus is not None
         try:
-            await self._bus.call(name, args={"op": "ping"}, timeout=2.0)
+            await self._bus.call(name, args={"op": "ping"}, timeout=PING_TIMEOUT)
         except Unavailable:
             return False
         except CallFailed as e:
-            return e.kind != "permission_denied"
+            return e.kind not in ("permission_denied", "timeout")
         return True
 
     async def _spawn(self) -> None:
