@@ -308,7 +308,9 @@ def test_plugin_replays_a_real_llm_peer_with_no_api_key(pytester, nats_server, m
         monkeypatch.delenv(key, raising=False)
     pytester.makepyfile(test_llm_replayed=LLM_TEST.format(model='["A cat sat."]'))
     pytester.runpytest("-q", "--tb=short", "--council-record=once").assert_outcomes(passed=1)
-    cassette = Cassette.load(pytester.path / "cassettes" / "test_llm_replayed" / "test_summary.jsonl")
+    cassette = Cassette.load(
+        pytester.path / "cassettes" / "test_llm_replayed" / "test_summary.jsonl"
+    )
     assert [e.kind for e in cassette.entries].count("call") == 1
     pytester.makepyfile(test_llm_replayed=LLM_TEST.format(model='"openai/gpt-4o-mini"'))
     pytester.runpytest("-q", "--tb=short").assert_outcomes(passed=1)  # live, it would fail: no key

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import anyio
 import pytest
-from tests.conftest import pid_alive
 
 from agents.human import ScriptedHuman
 from channels import permissions
@@ -24,6 +23,7 @@ from channels.server import running_server
 from council.cli import main
 from council.declare import Agent, Council, load_target
 from council.session import PeerUnavailable, Session, children, run
+from tests.conftest import pid_alive
 
 pytestmark = pytest.mark.anyio
 
