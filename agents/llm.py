@@ -416,7 +416,20 @@ def _fit(messages: Messages) -> Messages:
 
 
 def _brief(e: BaseException, limit: int = 300) -> str:
-    """A provider error's first line, not its dump."""
+    """A provider error's first line, not its dump.
+
+    litellm's own HTTP handler quotes the provider's JSON error body whole
+    (`... - {"error": {"message": ...}}`): the message inside is what a reader needs.
+    """
     text = str(e).strip() or type(e).__name__
+    start = text.find('{"error"')
+    if start >= 0:
+        try:
+            body = json.loads(text[start:])
+            message = body["error"]["message"] if isinstance(body["error"], dict) else None
+        except (ValueError, KeyError, TypeError):
+            message = None
+        if isinstance(message, str) and message.strip():
+            text = text[:start] + message.strip()
     first = text.splitlines()[0]
     return first if len(first) <= limit else first[:limit] + "..."

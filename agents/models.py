@@ -160,9 +160,18 @@ def _content_text(content: Any) -> str:
 
 _import_lock = threading.Lock()
 
+# litellm sends `openai/` (and plain OpenAI) models through the OpenAI SDK unless this is
+# set; with it, through its own aiohttp-based handler, the one it already uses for
+# `hosted_vllm/` and most other providers. That path costs about a third less CPU per
+# call (measured in BENCHMARKS.md), which is what bounds an LLM peer fanning out hundreds
+# of sub-calls. litellm reads it on every call and has no per-call switch, so it is a
+# process-wide default: a user who sets it (e.g. to "false") keeps their choice.
+LEAN_OPENAI_ENV = "EXPERIMENTAL_OPENAI_BASE_LLM_HTTP_HANDLER"
+
 
 def litellm() -> ModuleType:
     """Import litellm offline: local price table, no telemetry, no debug banners."""
+    os.environ.setdefault(LEAN_OPENAI_ENV, "true")
     module = sys.modules.get("litellm")
     if module is not None and hasattr(module, "acompletion"):
         return module
@@ -241,22 +250,38 @@ class LiteLLMModel:
             text=text,
             input_tokens=input_tokens,
             output_tokens=output_tokens,
-            cost=self.cost(input_tokens, output_tokens, response),
+            cost=_response_cost(response),
             model=getattr(response, "model", None) or self.model,
         )
 
-    def cost(self, input_tokens: int, output_tokens: int, response: Any = None) -> float | None:
+    def cost(self, input_tokens: int, output_tokens: int) -> float | None:
         """Dollars for this many tokens, when litellm knows the price; None otherwise."""
         lib = litellm()
         try:
-            if response is not None:
-                return float(lib.completion_cost(completion_response=response, model=self.model))
             prompt, completion = lib.cost_per_token(
                 model=self.model, prompt_tokens=input_tokens, completion_tokens=output_tokens
             )
             return float(prompt + completion)
         except Exception:
             return None
+
+
+def _response_cost(response: Any) -> float | None:
+    """The cost litellm already worked out for this response (with any per-call prices).
+
+    Asking `completion_cost` again would repeat the price lookup, which for a model
+    missing from litellm's table is a slow failing search on every call. litellm leaves
+    None there when it knows no price, and None is what this returns then.
+    """
+    hidden = getattr(response, "_hidden_params", None)
+    try:
+        if isinstance(hidden, dict):
+            cost = hidden.get("response_cost")
+        else:  # litellm's HiddenParams object, on some paths
+            cost = getattr(hidden, "response_cost", None)
+        return None if cost is None else float(cost)
+    except (AttributeError, TypeError, ValueError):
+        return None
 
 
 # -- scripted models -----------------------------------------------------------------------

@@ -156,6 +156,10 @@ class RLMAgent:
         self.model_params = dict(model_params or {})  # e.g. max_tokens, temperature
         self._bus: Bus | None = None
         self._conversations: dict[str, _Conversation] = {}
+        self._spare: Repl | None = None
+        self._spare_wanted = anyio.Event()
+        self._booting: anyio.Event | None = None  # set when the spare being started is up
+        self._live = 0  # REPL workers this agent holds (each takes one of its REPL names)
 
     @property
     def child_name(self) -> str:
@@ -194,12 +198,77 @@ class RLMAgent:
                             concurrency=self.concurrency,
                         )
                     )
+                tg.start_soon(self._keep_spare)
                 task_status.started()
         finally:
             with anyio.CancelScope(shield=True):
                 for conv in self._conversations.values():
-                    await conv.repl.close()
+                    await self._release(conv.repl)
                 self._conversations.clear()
+                if self._spare is not None:
+                    await self._release(self._spare)
+                    self._spare = None
+
+    # -- REPL workers ----------------------------------------------------------------------
+
+    async def _keep_spare(self) -> None:
+        """Keep one worker booted ahead of need: a request then starts at once instead of
+        paying for a Python process to start (a few hundred ms, more on a busy machine)."""
+        while True:
+            if self._spare is None and self._room_for_spare():
+                repl = self._new_repl(None)
+                booting = self._booting = anyio.Event()
+                try:
+                    await repl.start()
+                except Exception as e:  # requests start their own; try again when one ends
+                    _log.warning("rlm.spare_not_started", agent=self.name, error=str(e))
+                    await self._release(repl)
+                else:
+                    self._spare = repl
+                finally:
+                    self._booting = None
+                    booting.set()
+            await self._spare_wanted.wait()
+            self._spare_wanted = anyio.Event()
+
+    def _room_for_spare(self) -> bool:
+        slots = self.repl_options.get("slots")
+        return slots is None or self._live < slots
+
+    def _new_repl(self, context: Value) -> Repl:
+        self._live += 1
+        return Repl(
+            self._require_bus(),
+            agent=self.name,
+            peers=self.repl_peers,
+            context=context,
+            **self.repl_options,
+        )
+
+    async def _take_repl(self, call: Call) -> Repl:
+        """The spare worker with this call's input, or a new one if none is ready.
+
+        A spare still booting is waited for: it is up sooner than a new one would be, and
+        the first request then always gets the agent's first REPL name (stable recordings).
+        """
+        if self._spare is None and self._booting is not None:
+            await self._booting.wait()
+        repl, self._spare = self._spare, None
+        self._spare_wanted.set()
+        if repl is None or not repl.alive:
+            if repl is not None:
+                await self._release(repl)
+            repl = self._new_repl(call.context)
+        else:
+            await repl.set_context(call.context)
+        await repl.start()
+        return repl
+
+    async def _release(self, repl: Repl) -> None:
+        with anyio.CancelScope(shield=True):
+            await repl.close()
+        self._live -= 1
+        self._spare_wanted.set()  # a name came free: the spare may be replaced
 
     async def _answer_child(self, call: Call) -> Reply:
         if call.depth > self.limits.depth:
@@ -218,8 +287,11 @@ class RLMAgent:
             )
         conversation = call.args.get("conversation")
         if conversation is None:
-            async with self._repl(call) as repl:
+            repl = await self._take_repl(call)
+            try:
                 return await self._loop(call, repl)
+            finally:
+                await self._release(repl)
         conv = await self._conversation(str(conversation), call)
         async with conv.lock:
             conv.turns += 1
@@ -232,20 +304,13 @@ class RLMAgent:
             await self._remember(history, call.prompt, reply.value)
             return reply
 
-    def _repl(self, call: Call) -> Repl:
-        bus = self._require_bus()
-        return Repl(
-            bus, agent=self.name, peers=self.repl_peers, context=call.context, **self.repl_options
-        )
-
     async def _conversation(self, conversation: str, call: Call) -> _Conversation:
         conv = self._conversations.get(conversation)
         if conv is None:
-            repl = self._repl(call)
-            await repl.start()
+            repl = await self._take_repl(call)
             conv = self._conversations.setdefault(conversation, _Conversation(repl))
             if conv.repl is not repl:
-                await repl.close()
+                await self._release(repl)
         return conv
 
     def _history_name(self, conversation: str) -> str:

@@ -68,6 +68,12 @@ PROMPT = "Split the input, ask the sub-model about every slice, and report how m
 TOKEN_CHARS = 4  # the stub counts four characters a token; so does the context size below
 
 
+def _our_packages() -> None:
+    """Make channels/agents/council importable when run as a script from anywhere."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+
+
 # -- the input --------------------------------------------------------------------------------
 
 
@@ -182,7 +188,7 @@ def litellm_once(stub: str, run: str, n: int, context: str, variant: str) -> dic
     base = f"{stub}/floor/{n}/{run}/v1"
     prompts = sub_prompts(context, n)
     if ours:
-        sys.path.insert(0, str(REPO))
+        _our_packages()
         from agents.models import LiteLLMModel
 
         prices = PRICES if priced else {}
@@ -277,7 +283,7 @@ def council_once(
     if lean:
         os.environ[LEAN_ENV] = "true"
 
-    sys.path.insert(0, str(REPO))
+    _our_packages()
     from agents.limits import Limits
     from agents.models import FunctionModel, LiteLLMModel
     from council.declare import LLM, Agent, Council

@@ -13,7 +13,16 @@ import time
 import uuid
 from typing import Annotated, Any, Literal, TypeAlias
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    TypeAdapter,
+    ValidationError,
+)
 from pydantic_core import PydanticSerializationError
 from typing_extensions import TypeAliasType
 
@@ -82,11 +91,19 @@ def _human_size(n: int) -> str:
 
 
 # A JSON value in which a Ref may stand anywhere. Left-to-right so that a dict
-# carrying `$ref` becomes a Ref and every other dict stays a dict.
+# carrying `$ref` becomes a Ref and every other dict stays a dict; the scalars are strict
+# so that True stays True (a lax int would take it) and 2.0 stays a float.
 Value = TypeAliasType(
     "Value",
     Annotated[
-        Ref | list["Value"] | dict[str, "Value"] | str | int | float | bool | None,
+        Ref
+        | list["Value"]
+        | dict[str, "Value"]
+        | str
+        | StrictBool
+        | StrictInt
+        | StrictFloat
+        | None,
         Field(union_mode="left_to_right"),
     ],
 )

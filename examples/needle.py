@@ -216,7 +216,10 @@ async def run(
 def options(argv: list[str] | None = None) -> argparse.Namespace:
     p = parser(__doc__)
     p.add_argument(
-        "--tokens", type=int, default=None, help="haystack size in tokens (default 100,000)"
+        "--tokens",
+        type=int,
+        default=None,
+        help="haystack size in tokens, at four characters a token (default 100,000)",
     )
     p.add_argument("--seed", type=int, default=SEED, help="which haystack (and code)")
     args = p.parse_args(argv)

@@ -67,7 +67,7 @@ async def test_needle_root_prompt_is_the_same_size_at_10k_and_2m_tokens():
             "scripted",
         )
         outcome = await needle.run(args, out=io.StringIO(), models=models)
-        assert outcome.found, outcome
+        assert outcome.found and outcome.tokens >= tokens * 0.99, outcome
         largest[tokens] = outcome.largest_prompt
     # 200x the input, the same prompt give or take the digits of a length it printed
     assert abs(largest[2_000_000] - largest[10_000]) < 50, largest
@@ -79,7 +79,7 @@ async def test_review_council_catches_the_numbers_and_asks_the_human():
     outcome = await review.run(replaying(review), out=out)
     v = outcome.value
     assert outcome.ok, v
-    assert v["numbers"]["Summary"] == 40 and v["numbers"]["Results"] == 90
+    assert v["numbers"]["figures"] == {"Summary": 40, "Results": 90}
     assert not v["numbers"]["consistent"]
     assert v["human"] == review.HUMAN_ANSWER and not v["publish"]
     assert {c["words"] for c in v["clarity"]} == {len(s.split()) for s in review.LONG_SENTENCES}

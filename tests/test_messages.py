@@ -154,3 +154,11 @@ def test_usage_adds_and_unknown_cost_stays_unknown():
     assert (total.input_tokens, total.output_tokens, total.model_calls) == (11, 22, 3)
     assert total.cost is None
     assert (a + a).cost == 1.0
+
+
+def test_booleans_and_whole_floats_keep_their_type_across_the_wire():
+    reply = Reply(value={"ok": True, "no": False, "two": 2.0, "one": 1, "mixed": [True, 0, 0.5]})
+    for value in (reply.value, decode(encode(reply)).value):
+        assert value == {"ok": True, "no": False, "two": 2.0, "one": 1, "mixed": [True, 0, 0.5]}
+        assert [type(value[k]) for k in ("ok", "two", "one")] == [bool, float, int]
+        assert type(value["mixed"][0]) is bool

@@ -314,3 +314,24 @@ async def test_completions_are_published_as_events(nats_server, session_id):
                     assert event.response.startswith("Let me work")
         await sub.unsubscribe()
     assert {"completion", "execution", "step"} <= kinds
+
+
+async def test_a_spare_worker_is_booted_before_the_first_request(nats_server, session_id):
+    """A request runs in a worker booted ahead of it; another is booted for the next one."""
+    agent = RLMAgent("root")
+    pid_model = FunctionModel(lambda m, **_: code("import os\nFINAL(os.getpid())"))
+
+    async def spare_pid() -> int:
+        with anyio.fail_after(30):
+            while agent._spare is None or agent._spare.pid is None:
+                await anyio.sleep(0.02)
+        return agent._spare.pid
+
+    async with serving(
+        nats_server.url, session_id, agent, LLMPeer("root-model", pid_model)
+    ) as client:
+        first = await spare_pid()
+        assert (await client.call("root", "who runs this?", timeout=60)).value == first
+        second = await spare_pid()
+        assert second != first
+        assert (await client.call("root", "and this?", timeout=60)).value == second

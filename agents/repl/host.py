@@ -368,8 +368,10 @@ class Repl:
     async def set_context(self, context: Value) -> None:
         """Make `context` in the namespace this value (or Ref, loaded when code first reads it)."""
         async with self._lock:
-            self.context = context
-            if self.alive:
+            previous, self.context = self.context, context
+            # None to None sends nothing, exactly as a worker started with no context: a
+            # recording then looks the same whether a spare worker was ready or not.
+            if self.alive and (context is not None or previous is not None):
                 await self._send_context()
 
     def _limit(self) -> int:
