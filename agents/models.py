@@ -22,9 +22,12 @@ import anyio
 import anyio.to_thread
 from pydantic import BaseModel, ConfigDict
 
+from channels import log
 from channels.errors import CouncilError
 
 Messages = list[dict[str, Any]]
+
+_log = log.get("council.models")
 
 
 class ModelResponse(BaseModel):
@@ -187,6 +190,51 @@ def litellm() -> ModuleType:
         return module
 
 
+# Where litellm's callbacks and budget live: while all are empty, nothing reads the
+# logging payload litellm builds after every call.
+_CALLBACK_LISTS = (
+    "callbacks",
+    "input_callback",
+    "success_callback",
+    "failure_callback",
+    "service_callback",
+    "audit_log_callbacks",
+    "_async_input_callback",
+    "_async_success_callback",
+    "_async_failure_callback",
+)
+_CALLBACK_KWARGS = frozenset(n for n in _CALLBACK_LISTS if not n.startswith("_")) | {
+    "logger_fn"
+}
+
+
+def _quiet_switch() -> Any:
+    """litellm's own switch for calls whose success nobody logs; None if this litellm lacks it.
+
+    litellm builds a standard logging payload for every response (about a quarter of
+    its CPU on the event loop per call) even when no callback will read it. Its
+    internal sub-calls skip that with this context variable. It is private, so a
+    litellm without it simply keeps the slower path.
+    """
+    try:
+        from litellm._internal_context import is_internal_call
+    except ImportError:
+        return None
+    return is_internal_call
+
+
+def _nobody_listens(lib: ModuleType, options: dict[str, Any]) -> bool:
+    """No callback, logger or budget (global or for this call) would see litellm's logging."""
+    if getattr(lib, "max_budget", 0):
+        return False
+    if any(getattr(lib, n, None) for n in _CALLBACK_LISTS):
+        return False
+    return not any(options.get(k) for k in _CALLBACK_KWARGS)
+
+
+_registered_prices: set[tuple[str, tuple[tuple[str, Any], ...]]] = set()
+
+
 class LiteLLMModel:
     """Any litellm model string: `gpt-4o-mini`, `anthropic/...`, `ollama/...`, `openai/<name>`.
 
@@ -194,6 +242,11 @@ class LiteLLMModel:
     are read by litellm from this process's environment; nothing here ever sends them
     over the bus. Retries are the LLM peer's job, so litellm's and the OpenAI SDK's own
     are switched off (two retry layers would multiply the waits and hide the count).
+
+    Prices given as kwargs (`input_cost_per_token=`, `output_cost_per_token=`, any of
+    litellm's custom pricing fields) are registered with litellm once, under the model's
+    `<provider>/<model>` key, instead of being sent with every call: litellm would
+    re-register them on each call, and it registers them under that same shared key.
     """
 
     def __init__(
@@ -209,6 +262,7 @@ class LiteLLMModel:
         self.model = model
         self.name = name or model
         self.kwargs = kwargs
+        self._options: dict[str, Any] | None = None  # kwargs minus registered prices
         self._context_window = context_window
         self._looked_up = context_window is not None
 
@@ -217,7 +271,42 @@ class LiteLLMModel:
 
     async def prepare(self) -> None:
         """Import litellm and look up the window in a thread: seconds the event loop keeps."""
-        await anyio.to_thread.run_sync(lambda: self.context_window)
+        await anyio.to_thread.run_sync(lambda: (self._ready(), self.context_window))
+
+    def _ready(self) -> ModuleType:
+        """litellm, with this model's prices registered (once)."""
+        lib = litellm()
+        if self._options is None:
+            self._options = self._register_prices(lib)
+        return lib
+
+    def _register_prices(self, lib: ModuleType) -> dict[str, Any]:
+        """The per-call options, with custom prices moved into litellm's price table."""
+        try:
+            from litellm.types.utils import CustomPricingLiteLLMParams
+
+            fields = set(CustomPricingLiteLLMParams.model_fields)
+        except (ImportError, AttributeError):
+            return dict(self.kwargs)  # an older litellm: leave the prices per call
+        prices = {k: v for k, v in self.kwargs.items() if k in fields and v is not None}
+        if not prices:
+            return dict(self.kwargs)
+        try:
+            name, provider, _, _ = lib.get_llm_provider(
+                model=self.model, api_base=self.kwargs.get("api_base")
+            )
+            key = f"{provider}/{name}"
+            marker = (key, tuple(sorted((k, repr(v)) for k, v in prices.items())))
+            if marker not in _registered_prices:
+                entry: dict[str, Any] = {"litellm_provider": provider, **prices}
+                if key not in lib.model_cost:
+                    entry["mode"] = "chat"
+                lib.register_model({key: entry})
+                _registered_prices.add(marker)
+        except Exception as e:
+            _log.warning("litellm.prices_per_call", model=self.model, error=str(e))
+            return dict(self.kwargs)
+        return {k: v for k, v in self.kwargs.items() if k not in prices}
 
     @property
     def context_window(self) -> int | None:
@@ -238,9 +327,15 @@ class LiteLLMModel:
         self._looked_up = True
 
     async def complete(self, messages: Messages, **params: Any) -> ModelResponse:
-        lib = litellm()
-        options = {"max_retries": 0, "num_retries": 0, **self.kwargs, **params}
-        response = await lib.acompletion(model=self.model, messages=messages, **options)
+        lib = litellm() if self._options is not None else self._ready()
+        options = {"max_retries": 0, "num_retries": 0, **(self._options or {}), **params}
+        quiet = _quiet_switch() if _nobody_listens(lib, options) else None
+        token = quiet.set(True) if quiet is not None else None
+        try:
+            response = await lib.acompletion(model=self.model, messages=messages, **options)
+        finally:
+            if token is not None:
+                quiet.reset(token)
         choice = response.choices[0]
         text = getattr(choice.message, "content", None) or ""
         usage = getattr(response, "usage", None)
@@ -256,7 +351,7 @@ class LiteLLMModel:
 
     def cost(self, input_tokens: int, output_tokens: int) -> float | None:
         """Dollars for this many tokens, when litellm knows the price; None otherwise."""
-        lib = litellm()
+        lib = self._ready()
         try:
             prompt, completion = lib.cost_per_token(
                 model=self.model, prompt_tokens=input_tokens, completion_tokens=output_tokens

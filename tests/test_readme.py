@@ -88,3 +88,33 @@ def test_readme_council_example_declares_and_runs_with_scripted_models():
     assert "critic_a: summary of" in asked[0] and "critic_b: summary of" in asked[0]
     # chair: 1 model call; each critic: 1 of its own and 2 from llm.map.
     assert result.usage.model_calls == 1 + 2 * (1 + 2)
+
+
+pytest_plugins = ["pytester"]
+
+
+def test_readme_replayed_test_runs_offline_from_its_cassette(pytester, nats_server, monkeypatch):
+    """Record the README's council once (scripted models standing in for the paid ones),
+    then run the README's test file as written: it replays, with no model and no key."""
+    monkeypatch.setenv("NATS_URL", nats_server.url)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    pytester.makepyfile(review=_python_block("Council("))
+    paper = "A paper. " * 5_000
+    (pytester.path / "paper.txt").write_text(paper)
+    test_file = pytester.makepyfile(test_review=_python_block("council_cassette"))
+
+    namespace: dict[str, Any] = {"__name__": "readme_example"}
+    exec(_python_block("Council("), namespace)
+    cassette = test_file.parent / "cassettes" / "test_review" / "test_the_chair_asks_ada.jsonl"
+    cassette.parent.mkdir(parents=True)
+    run(
+        namespace["council"],
+        "Review this paper.",
+        context=paper,
+        models={"gpt-4o-mini": FunctionModel(scripted)},
+        humans={"ada": ScriptedHuman("ada", ["Accept, with the flaws fixed."])},
+        record=cassette,
+        timeout=120,
+    )
+    result = pytester.runpytest_subprocess("-q", "-p", "anyio")
+    result.assert_outcomes(passed=1)
