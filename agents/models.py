@@ -203,9 +203,7 @@ _CALLBACK_LISTS = (
     "_async_success_callback",
     "_async_failure_callback",
 )
-_CALLBACK_KWARGS = frozenset(n for n in _CALLBACK_LISTS if not n.startswith("_")) | {
-    "logger_fn"
-}
+_CALLBACK_KWARGS = frozenset(n for n in _CALLBACK_LISTS if not n.startswith("_")) | {"logger_fn"}
 
 
 def _quiet_switch() -> Any:

@@ -258,10 +258,10 @@ class RLMAgent:
         if repl is None or not repl.alive:
             if repl is not None:
                 await self._release(repl)
-            repl = self._new_repl(call.context)
-        else:
-            await repl.set_context(call.context)
+            repl = self._new_repl(None)
+        # The same two steps whether a spare was ready or not, so recordings do not differ.
         await repl.start()
+        await repl.set_context(call.context, parent=call)
         return repl
 
     async def _release(self, repl: Repl) -> None:
@@ -296,7 +296,7 @@ class RLMAgent:
         async with conv.lock:
             conv.turns += 1
             history = self._history_name(str(conversation))
-            await conv.repl.set_context(call.context)
+            await conv.repl.set_context(call.context, parent=call)
             await conv.repl.execute(
                 f"history = store.lookup({history!r}, [])", parent=call, record=False
             )

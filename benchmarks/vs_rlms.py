@@ -16,12 +16,18 @@ all sides alike; wall times are medians over rounds. The sides:
                      does: an unpriced one costs a slow failed lookup per call); `lean`
                      (priced, and openai/ routed through litellm's own aiohttp handler
                      instead of the OpenAI SDK); `hosted_vllm` (that route by provider);
-                     `lean_unpriced`; `ours` / `ours_lean` (through agents.models.LiteLLMModel);
+                     `lean_unpriced`; `ours` (through agents.models.LiteLLMModel with a
+                     price, as the council side uses it); `ours_unpriced`; `ours_sdk`
+                     (LiteLLMModel told to keep the OpenAI SDK route);
 - rlms               the paper's package: `RLM(...).completion(context)`, local REPL,
                      `llm_query_batched` (its handler runs 16 at a time), in its own venv;
 - council            a Council session: agent `root` whose code calls `llm.map`, the `llm`
-                     peer bounded at 16 in flight (see council_once);
-- council:lean       the same with litellm's lean route switched on in that process;
+                     peer bounded at 16 in flight (see council_once), asked once the
+                     session is up, its warm REPL worker included;
+- council:cold       the same, asked the moment the session has started, while the agent's
+                     warm REPL worker is still booting (the first request of a session);
+- council:sdk        the same with litellm's lean route switched off (the user's opt-out,
+                     EXPERIMENTAL_OPENAI_BASE_LLM_HTTP_HANDLER=false): the OpenAI SDK route;
 - council:function   the same with a plain function answering the sub-calls (no HTTP,
                      no litellm): the framework's own cost. Not a comparison, a diagnosis.
 
@@ -153,13 +159,15 @@ LITELLM_VARIANTS = {
     "lean": ("openai", True, True, False),
     "hosted_vllm": ("hosted_vllm", True, False, False),
     "lean_unpriced": ("openai", False, True, False),
-    "ours": ("openai", False, False, True),
-    "ours_lean": ("openai", True, True, True),
+    "ours": ("openai", True, None, True),
+    "ours_unpriced": ("openai", False, None, True),
+    "ours_sdk": ("openai", True, False, True),
 }
 # What the scripted models cost, when a variant tells litellm (a listed model has a price).
 PRICES = {"input_cost_per_token": 1e-7, "output_cost_per_token": 4e-7}
 # litellm sends openai/ models through the OpenAI SDK unless this is set; with it, through
 # its own aiohttp-based handler (as it already does for hosted_vllm/ and most providers).
+# agents.models.LiteLLMModel switches it on by default (None below: leave it to LiteLLMModel).
 LEAN_ENV = "EXPERIMENTAL_OPENAI_BASE_LLM_HTTP_HANDLER"
 
 
@@ -172,8 +180,8 @@ def litellm_once(stub: str, run: str, n: int, context: str, variant: str) -> dic
 
     litellm.suppress_debug_info = True
     prefix, priced, lean, ours = LITELLM_VARIANTS[variant]
-    if lean:
-        os.environ[LEAN_ENV] = "true"
+    if lean is not None:
+        os.environ[LEAN_ENV] = "true" if lean else "false"
     model = f"{prefix}/sub-{variant}"
     if priced and not ours:
         litellm.register_model(
@@ -264,24 +272,35 @@ def rlms_once(stub: str, run: str, n: int, context: str) -> dict:
 
 
 def council_once(
-    stub: str, run: str, n: int, context: str, *, lean: bool = False, function_sub: bool = False
+    stub: str,
+    run: str,
+    n: int,
+    context: str,
+    *,
+    sdk: bool = False,
+    function_sub: bool = False,
+    cold: bool = False,
 ) -> dict:
     """A Council session answering the same request: agent `root` (root model `openai/root`)
     whose code calls the `llm` peer (`openai/sub`, 16 in flight) with `llm.map`.
 
     Only `Session.ask` is timed (it puts a big context into the store first, then the
-    agent starts its REPL worker, runs the model's code, fans out, answers): the session's
+    agent takes a REPL worker, runs the model's code, fans out, answers): the session's
     own start (embedded nats-server, peers) is set-up, like constructing a client.
     The scripted models get a price, as any model in litellm's table has one (an
-    unpriced model costs litellm a slow failed lookup per call). `lean` also routes
-    openai/ models through litellm's own HTTP handler instead of the OpenAI SDK.
+    unpriced model costs litellm a slow failed lookup per call). LiteLLMModel routes
+    openai/ models through litellm's own HTTP handler; `sdk` opts out of that, as a user
+    can, and so measures the OpenAI SDK route.
     `function_sub` answers the sub-calls with a plain function instead of a model over
     HTTP: what is left is the framework's own cost (bus, peers, REPL fan-out).
+    An agent keeps one REPL worker booted ahead of need, started with the session; a
+    session that has been up for a moment has it. `cold` asks without waiting for it,
+    as the very first request of a fresh session does.
     """
     import anyio
 
-    if lean:
-        os.environ[LEAN_ENV] = "true"
+    if sdk:
+        os.environ[LEAN_ENV] = "false"
 
     _our_packages()
     from agents.limits import Limits
@@ -306,6 +325,8 @@ def council_once(
 
     async def go() -> dict:
         async with Session(council, models=models) as session:
+            if not cold:
+                await warm_workers_up(session)
             t = time.perf_counter()
             result = await session.ask(PROMPT, context=context, timeout=600)
             wall = time.perf_counter() - t
@@ -320,6 +341,21 @@ def council_once(
         "tokens_reported": out["tokens"],
         "tokens_served": s["prompt_tokens"] + s["completion_tokens"],
     }
+
+
+async def warm_workers_up(session, limit: float = 20.0) -> None:
+    """Wait (at most `limit` s) until every agent of the session has its spare REPL worker.
+
+    Session start returns once every peer serves; an agent then boots its spare worker
+    in the background. There is no public signal for that yet, so this reads the agent's
+    `_spare` (agents/rlm.py); if that attribute goes away, this waits for nothing.
+    """
+    import anyio
+
+    agents = [p for p in session.peers.values() if hasattr(p, "_spare")]
+    with anyio.move_on_after(limit):
+        while any(a._spare is None for a in agents):
+            await anyio.sleep(0.01)
 
 
 # -- worker: one side, one fresh process --------------------------------------------------------
@@ -338,14 +374,15 @@ def side_once(side: str, stub: str, run: str, n: int, context: str) -> dict:
         return litellm_once(stub, run, n, context, side.split(":", 1)[1])
     if side == "rlms":
         return rlms_once(stub, run, n, context)
-    if side in ("council", "council:lean", "council:function"):
+    if side in ("council", "council:cold", "council:sdk", "council:function"):
         return council_once(
             stub,
             run,
             n,
             context,
-            lean=side == "council:lean",
+            sdk=side == "council:sdk",
             function_sub=side == "council:function",
+            cold=side == "council:cold",
         )
     raise SystemExit(f"unknown side {side!r}")
 
@@ -499,7 +536,7 @@ def main() -> None:
     ap.add_argument(
         "--sides",
         default="floor,floor:rlms-venv,litellm:default,litellm:priced,litellm:lean,"
-        "litellm:ours,rlms,council,council:lean,council:function",
+        "litellm:ours,rlms,council,council:cold,council:sdk,council:function",
     )
     ap.add_argument(
         "--quick", action="store_true", help="N=20,50, 100k chars, 1 round, 1M-token memory run"
@@ -696,7 +733,7 @@ def report(ns, sides, walls, cpus, extra, memory, errors, versions_seen, load, a
         "errors": errors,
     }
     targets = {}
-    for s in ("council", "council:lean"):
+    for s in ("council", "council:cold", "council:sdk"):
         r, f = to_rlms(s, 500), to_floor(s, 500)
         if r is not None and f is not None:
             targets[s] = {

@@ -43,8 +43,8 @@ def _demo(argv: list[str], clean_env: dict[str, str], *, timeout: float, env: di
 def _check_trees(out: str) -> None:
     assert "== the call trees, from the sessions' recordings" in out
     trees = out.split("== the call trees")[1]
-    assert "├─ finder <- admin" in trees and "reader <- finder-repl" in trees
-    assert "├─ chair <- admin" in trees and "ada <- chair-repl" in trees
+    assert "─ finder <- admin" in trees and "reader <- finder-repl" in trees
+    assert "─ chair <- admin" in trees and "ada <- chair-repl" in trees
     assert "numbers <- chair-repl" in trees and "clarity <- chair-repl" in trees
 
 

@@ -83,14 +83,17 @@ async def needle_run(nats_server, session: str, tokens: int) -> tuple[Any, list[
 
 
 async def test_needle_in_a_haystack_at_10k_and_1m_tokens(nats_server, session_id):
-    small, small_prompts, _ = await needle_run(nats_server, session_id + "a", 10_000)
+    small, small_prompts, small_wall = await needle_run(nats_server, session_id + "a", 10_000)
     large, large_prompts, wall = await needle_run(nats_server, session_id + "b", 1_000_000)
     assert small.value == 7341 and large.value == 7341
     # The input never enters the prompt: the root's prompt is the same size at both scales.
     assert len(small_prompts) == len(large_prompts) == 1
     assert abs(large_prompts[0] - small_prompts[0]) <= 0.1 * small_prompts[0]
     assert large_prompts[0] < 5_000
-    print(f"needle 1M tokens: root prompt {large_prompts[0]} chars, wall {wall:.2f}s")
+    print(
+        f"needle: root prompt {small_prompts[0]} chars at 10k tokens ({small_wall:.2f}s), "
+        f"{large_prompts[0]} chars at 1M tokens ({wall:.2f}s)"
+    )
 
 
 async def test_no_code_and_errors_are_fed_back(nats_server, session_id):

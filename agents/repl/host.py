@@ -51,11 +51,13 @@ _log = log.get("council.repl")
 
 DEFAULT_EXEC_TIMEOUT = 120.0
 DEFAULT_MEMORY_MB = 2048
-PING_TIMEOUT = 0.25  # is a REPL name served elsewhere? a live worker answers within ms
 GRACE = 2.0  # past an execution's deadline, how long to wait for the worker's own timeout reply
 EVENT_OUTPUT_LIMIT = 256_000
 
 # Names of live workers in this process, so two REPLs of one agent never share a subject.
+# An agent is served by one process per session (`council serve` runs each peer once), so
+# this registry is the whole truth; asking the bus instead would cost a timeout per start
+# whenever a recorder's wildcard subscription keeps the server from saying "no responders".
 _taken: set[tuple[str, str]] = set()
 
 
@@ -227,9 +229,6 @@ class Repl:
                 if (self.session, name) in _taken:
                     continue
                 _taken.add((self.session, name))
-                if await self._serving(name):  # a REPL of the same agent in another process
-                    _taken.discard((self.session, name))
-                    continue
                 return name
             # Every name the rights cover is in use: wait for one, rather than take a name
             # the server would refuse.
@@ -240,20 +239,6 @@ class Repl:
                     "conversation); raise the agent's concurrency, or end conversations"
                 )
             await anyio.sleep(0.05)
-
-    async def _serving(self, name: str) -> bool:
-        """Whether a worker (of another process) answers `name`. A worker answers a ping from
-        its event loop at once, even while code runs (code has a thread of its own); silence
-        means only listeners such as a session recorder, whose wildcard subscription also
-        keeps the server from saying "no responders"."""
-        assert self._bus is not None
-        try:
-            await self._bus.call(name, args={"op": "ping"}, timeout=PING_TIMEOUT)
-        except Unavailable:
-            return False
-        except CallFailed as e:
-            return e.kind not in ("permission_denied", "timeout")
-        return True
 
     async def _spawn(self) -> None:
         assert self._bus is not None
@@ -365,28 +350,33 @@ class Repl:
 
     # -- the context -----------------------------------------------------------------------
 
-    async def set_context(self, context: Value) -> None:
+    async def set_context(self, context: Value, *, parent: Call | None = None) -> None:
         """Make `context` in the namespace this value (or Ref, loaded when code first reads it)."""
         async with self._lock:
             previous, self.context = self.context, context
             # None to None sends nothing, exactly as a worker started with no context: a
             # recording then looks the same whether a spare worker was ready or not.
             if self.alive and (context is not None or previous is not None):
-                await self._send_context()
+                await self._send_context(parent)
 
     def _limit(self) -> int:
         """Values bigger than this travel as Refs: the bus's own spill threshold by default."""
         return self._inline_limit or getattr(self._bus, "spill_threshold", DEFAULT_INLINE_LIMIT)
 
-    async def _send_context(self) -> None:
+    async def _send_context(self, parent: Call | None = None) -> None:
         assert self._bus is not None
         context = self.context
         limit = self._limit()
         if not isinstance(context, Ref) and json_size(context, limit) > limit:
             context = self.context = await (await self._bus.store()).put(context)
-        await self._bus.call(
-            self.name, args={"op": "set_context"}, context=context, timeout=self.startup_timeout
+        call = self._bus.make_call(
+            self.name,
+            args={"op": "set_context"},
+            context=context,
+            timeout=self.startup_timeout,
+            parent=parent,
         )
+        await self._bus.send(call)
 
     # -- executing -------------------------------------------------------------------------
 
