@@ -141,11 +141,24 @@ def _tokens(n: int) -> str:
     return f"{n / 1000:.1f}k" if n >= 10_000 else str(n)
 
 
+def _asked(call: Call) -> str:
+    """The prompt's preview; a call with no prompt shows its `op` (a REPL's set_context)
+    or its args, and a model call the last message it was sent."""
+    if call.prompt:
+        return f'"{preview(call.prompt, 50)}"'
+    messages = call.args.get("messages")
+    if isinstance(messages, list) and messages and isinstance(messages[-1], dict):
+        return f'"{preview(messages[-1].get("content", ""), 50)}"'
+    if "op" in call.args:
+        return f"[{call.args['op']}]"
+    return f'"{preview(call.args, 50)}"' if call.args else '""'
+
+
 def _line(n: Node) -> str:
     who = f"{n.call.callee} <- {n.call.caller}"
     if n.models:
         who += f" [{', '.join(n.models)}]"
-    parts = [who, f'"{preview(n.call.prompt, 50)}"']
+    parts = [who, _asked(n.call)]
     if n.status == "ok":
         parts.append(f'=> "{preview(n.value, 40)}"')
     else:
