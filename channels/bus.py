@@ -46,6 +46,7 @@ from channels.messages import (
     decode,
     encode,
 )
+from channels.natsio import settle, unsubscribe
 from channels.store import Store
 
 _log = log.get("council.bus")
@@ -59,18 +60,6 @@ DEFAULT_CONCURRENCY = 64
 SPILL_THRESHOLD = 256 * 1024
 """A Call or Reply that would encode bigger than this sends its big values as store Refs:
 well under the default max_payload (1 MiB), so a message never gets near the limit."""
-
-
-async def settle(nc: NATS) -> None:
-    """Return once the server has processed everything this connection sent so far.
-
-    nats-py writes a flush's PING straight to the socket, ahead of commands still in its
-    buffer, so one `flush()` can come back before the server has seen a SUB sent just
-    before it (a peer that is "serving" yet answers no one). The second PING is written
-    after the first round trip, by which time the buffer has gone out ahead of it.
-    """
-    await nc.flush()
-    await nc.flush()
 
 
 class Bus:
@@ -433,12 +422,8 @@ class _Server:
             self.log.info("serving")
             await anyio.sleep_forever()
         finally:
+            await unsubscribe(subs)
             with anyio.CancelScope(shield=True):
-                for sub in subs:
-                    try:
-                        await sub.unsubscribe()
-                    except Exception:
-                        pass
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)

@@ -54,6 +54,7 @@ from channels.errors import (
     UnsupportedValue,
 )
 from channels.messages import Ref, ValueKind
+from channels.natsio import unsubscribe
 
 _log = log.get("council.store")
 
@@ -553,11 +554,7 @@ class Store:
                 if in_window == 0:
                     break
         finally:
-            with anyio.CancelScope(shield=True):
-                try:
-                    await sub.unsubscribe()
-                except nats.errors.Error:
-                    pass
+            await unsubscribe([sub])
         if got != meta.chunks or total != meta.size:
             raise IntegrityError(
                 f"value sha256:{hexd[:16]}... is truncated: {got} of {meta.chunks} chunks, "
@@ -653,11 +650,7 @@ class Store:
                 await self.nc.publish(subject, piece, reply=inbox)
             await until(lambda: acked >= n or bool(errors))
         finally:
-            with anyio.CancelScope(shield=True):
-                try:
-                    await sub.unsubscribe()
-                except nats.errors.Error:
-                    pass
+            await unsubscribe([sub])
         if errors:
             raise StoreError(f"the store refused a chunk: {errors[0]}")
         return first, last

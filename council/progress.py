@@ -33,7 +33,7 @@ from anyio.abc import TaskStatus
 from nats.aio.msg import Msg
 
 from channels import subjects
-from channels.bus import Bus, settle
+from channels.bus import Bus
 from channels.errors import MalformedMessage
 from channels.messages import (
     Call,
@@ -47,6 +47,7 @@ from channels.messages import (
     Step,
     decode,
 )
+from channels.natsio import settle, unsubscribe
 
 REDRAW_INTERVAL = 0.1
 """At most ten frames a second: faster is flicker, and every frame costs the run CPU."""
@@ -646,12 +647,8 @@ async def watch(
             if now - last >= interval and (dirty or stale or not drawn):
                 await draw()
     finally:
+        await unsubscribe(subs)
         with anyio.CancelScope(shield=True):
-            for sub in subs:
-                try:
-                    await sub.unsubscribe()
-                except Exception:
-                    pass
             with anyio.move_on_after(2):  # the last frame or lines, unless the terminal is stuck
                 lines = take_in()
                 if live and (drawn or lines):

@@ -26,8 +26,8 @@ from nats.aio.msg import Msg
 from pydantic import BaseModel
 
 from channels import log, subjects
-from channels.bus import settle
 from channels.messages import Failure, Ref, Reply
+from channels.natsio import settle, unsubscribe
 from council.cassette import (
     DEFAULT_INLINE_LIMIT,
     Footer,
@@ -218,11 +218,7 @@ class Recorder:
                 break
             await anyio.sleep(0.001)
         await anyio.lowlevel.checkpoint()
-        for sub in self._subs:
-            try:
-                await sub.unsubscribe()
-            except Exception:
-                pass
+        await unsubscribe(self._subs)
         self._queue.put(None)
         await anyio.to_thread.run_sync(self._thread.join)
         saved, missing = await self._save_refs(self._writer.refs)

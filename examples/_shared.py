@@ -34,9 +34,10 @@ from nats.aio.msg import Msg
 
 from agents.models import FunctionModel, estimate_tokens
 from channels import subjects
-from channels.bus import Bus, settle
+from channels.bus import Bus
 from channels.errors import CouncilError, MalformedMessage
 from channels.messages import Call, decode
+from channels.natsio import settle, unsubscribe
 from council.declare import Council, Human
 
 HERE = Path(__file__).resolve().parent
@@ -254,12 +255,7 @@ class PromptLog:
         try:
             await anyio.sleep_forever()
         finally:
-            with anyio.CancelScope(shield=True):
-                for sub in subs:
-                    try:
-                        await sub.unsubscribe()
-                    except Exception:
-                        pass
+            await unsubscribe(subs)
 
     def _seen(self, call: Call) -> None:
         messages = call.args.get("messages") or []

@@ -12,8 +12,9 @@ import pytest
 
 from agents.function import Peers
 from channels import permissions, subjects
-from channels.bus import Bus, settle
+from channels.bus import Bus
 from channels.errors import PermissionDenied, Unavailable
+from channels.natsio import settle
 from channels.server import embedded_server
 from council.declare import Agent, Council, Function, Human
 from council.session import Session, children
