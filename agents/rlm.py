@@ -231,6 +231,16 @@ class RLMAgent:
             await self._spare_wanted.wait()
             self._spare_wanted = anyio.Event()
 
+    async def warm(self) -> int | None:
+        """Wait until a spare worker is booted; its pid. For callers that time requests
+        (benchmarks) or start many at once; a request never has to wait for this."""
+        while self._spare is None or self._spare.pid is None:
+            if self._booting is not None:
+                await self._booting.wait()
+            else:
+                await anyio.sleep(0.01)
+        return self._spare.pid
+
     def _room_for_spare(self) -> bool:
         slots = self.repl_options.get("slots")
         return slots is None or self._live < slots

@@ -344,18 +344,16 @@ def council_once(
 
 
 async def warm_workers_up(session, limit: float = 20.0) -> None:
-    """Wait (at most `limit` s) until every agent of the session has its spare REPL worker.
-
-    Session start returns once every peer serves; an agent then boots its spare worker
-    in the background. There is no public signal for that yet, so this reads the agent's
-    `_spare` (agents/rlm.py); if that attribute goes away, this waits for nothing.
-    """
+    """Wait (at most `limit` s) until every agent of the session has its spare REPL worker:
+    session start returns once every peer serves; an agent boots its spare just after."""
     import anyio
 
-    agents = [p for p in session.peers.values() if hasattr(p, "_spare")]
+    from agents.rlm import RLMAgent
+
     with anyio.move_on_after(limit):
-        while any(a._spare is None for a in agents):
-            await anyio.sleep(0.01)
+        for agent in session.peers.values():
+            if isinstance(agent, RLMAgent):
+                await agent.warm()
 
 
 # -- worker: one side, one fresh process --------------------------------------------------------

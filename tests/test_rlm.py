@@ -326,9 +326,7 @@ async def test_a_spare_worker_is_booted_before_the_first_request(nats_server, se
 
     async def spare_pid() -> int:
         with anyio.fail_after(30):
-            while agent._spare is None or agent._spare.pid is None:
-                await anyio.sleep(0.02)
-        return agent._spare.pid
+            return await agent.warm()
 
     async with serving(
         nats_server.url, session_id, agent, LLMPeer("root-model", pid_model)
