@@ -1,4 +1,4 @@
-"""Request/reply between peers, with deadlines, cancellation and typed failures.
+"""Request/reply between peers, with deadlines, cancellation, liveness and typed failures.
 
 A `Bus` is one NATS connection acting for one named party (a peer, a worker, a
 human endpoint) in one session. `call` sends a `Call` and returns the `Reply` or
@@ -6,12 +6,21 @@ raises the `CallFailed` subclass for the failure's kind; `serve` answers calls
 for a peer name, many at once, until cancelled. `await bus.store()` is the session's
 shared store on the same connection; a call or reply bigger than `spill_threshold` sends
 its big values through it as `Ref`s (a spilled reply is read back for the caller).
+
+Faults: a callee holding a call says so (`Working`) once it has held it a moment and then
+every `heartbeat` seconds; a caller that hears nothing re-sends the call once (to the same
+queue group, so another process serving the peer may take it) and fails it `unavailable`
+when the re-send meets silence too. Every pending call is re-sent when the connection comes
+back (a call published into a dying connection is otherwise lost). Re-sending is safe
+because a callee de-duplicates on the call id: a call it holds gets the new reply subject
+attached, a call it answered is answered again from a bounded cache, never run twice.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from math import inf
 from typing import Any
@@ -43,6 +52,7 @@ from channels.messages import (
     Reply,
     Usage,
     Value,
+    Working,
     decode,
     encode,
 )
@@ -61,23 +71,58 @@ SPILL_THRESHOLD = 256 * 1024
 """A Call or Reply that would encode bigger than this sends its big values as store Refs:
 well under the default max_payload (1 MiB), so a message never gets near the limit."""
 
+HEARTBEAT = 2.0
+"""Seconds between a callee's `Working` signals (the caller's setting travels in the call).
+A call silent for this long before its first sign, or for `SILENT_AFTER` intervals after
+it, is re-sent; silence after the re-send fails it `unavailable`."""
+SILENT_AFTER = 2
+"""Intervals without a sign that mean a callee that had acknowledged a call is gone: one
+late heartbeat on a busy machine is tolerated, a dead process is noticed within ~2."""
+ACK_FRACTION = 8
+"""A callee acknowledges a call it has held for heartbeat/ACK_FRACTION without answering;
+calls answered sooner cost no extra message."""
+ANSWERED_ENTRIES = 10_000
+ANSWERED_BYTES = 64 * 1024 * 1024
+"""Bounds of the callee's cache of sent answers (kept until the call's deadline passes),
+from which a re-sent call is answered without running it again."""
+ANSWERED_TTL = 600.0
+"""How long an answer to a call without a deadline is kept for re-sends."""
+
+_WORKING = b'{"type":"working"'
+_NO_RESPONDERS = "503"
+
 
 class Bus:
     def __init__(
-        self, nc: NATS, *, session: str, name: str, default_timeout: float = DEFAULT_TIMEOUT
+        self,
+        nc: NATS,
+        *,
+        session: str,
+        name: str,
+        default_timeout: float = DEFAULT_TIMEOUT,
+        heartbeat: float = HEARTBEAT,
     ):
+        if not heartbeat > 0:
+            raise ValueError(f"heartbeat must be a positive number of seconds, got {heartbeat!r}")
         self.nc = nc
         self.session = subjects.check_name(session, "session")
         self.name = subjects.check_name(name, "peer name")
         self.default_timeout = default_timeout
-        # Permission refusals arrive asynchronously (an -ERR, via error_cb), never as a reply:
-        # calls to a subject not yet seen answered wait for either, so a refused call fails
-        # at once with PermissionDenied instead of timing out. Known-good subjects skip this.
-        self._routed: set[str] = set()
-        self._refusal_waiters: dict[str, set[asyncio.Future[str]]] = {}
+        self.heartbeat = heartbeat
         self.spill_threshold = SPILL_THRESHOLD
         self._store: Store | None = None
         self._store_lock: anyio.Lock | None = None
+        # One inbox subscription for every call this bus makes; a reply subject's last token
+        # names the pending call it answers (nats-py's request() would take the first
+        # message, a heartbeat, as the answer).
+        self._inbox: str | None = None
+        self._inbox_lock: anyio.Lock | None = None
+        self._pending: dict[str, _Pending] = {}
+        self._next_token = 0
+        self._watch: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._connected = True
+        self._reconnected = -inf
 
     @classmethod
     async def connect(
@@ -90,6 +135,7 @@ class Bus:
         password: str | None = None,
         default_timeout: float = DEFAULT_TIMEOUT,
         connect_timeout: float = 5.0,
+        heartbeat: float = HEARTBEAT,
     ) -> Bus:
         subjects.check_name(session, "session")
         subjects.check_name(name, "peer name")
@@ -104,9 +150,13 @@ class Bus:
 
         async def on_disconnect() -> None:
             bound.info("nats.disconnected")
+            if made:
+                made[0]._connected = False
 
         async def on_reconnect() -> None:
             bound.info("nats.reconnected")
+            if made:
+                await made[0]._on_reconnected()
 
         try:
             with anyio.fail_after(connect_timeout):
@@ -129,7 +179,9 @@ class Bus:
                 f"cannot connect to NATS at {url}: {e or type(e).__name__}; start one (`council run` embeds one) "
                 "or pass the right --nats URL"
             ) from e
-        bus = cls(nc, session=session, name=name, default_timeout=default_timeout)
+        bus = cls(
+            nc, session=session, name=name, default_timeout=default_timeout, heartbeat=heartbeat
+        )
         made.append(bus)
         return bus
 
@@ -137,6 +189,8 @@ class Bus:
         if not self.nc.is_closed:
             with anyio.CancelScope(shield=True):
                 await self.nc.drain()
+        for p in list(self._pending.values()):
+            p.fail(Unavailable("the bus was closed", call_id=p.call.id, callee=p.call.callee))
 
     async def store(self) -> Store:
         """The shared store of this bus's session, on this bus's connection (opened once)."""
@@ -199,6 +253,7 @@ class Bus:
             budget=parent.budget if parent else None,
             parent=parent.id if parent else None,
             root=(parent.root or parent.id) if parent else None,
+            heartbeat=self.heartbeat,
         )
 
     async def call(
@@ -222,11 +277,17 @@ class Bus:
     async def send(self, call: Call, *, keep_refs: bool = False) -> Reply:
         """Send a prepared `Call`; return its `Reply` or raise the failure's typed error.
 
+        The call goes out under this bus's own name (the subject says who calls, and a
+        callee refuses a body that claims otherwise), so a call made elsewhere is re-signed.
         A call bigger than `spill_threshold` travels with its context (then its biggest args)
         as store Refs. A reply the callee's bus spilled is read back from the store, unless
         `keep_refs` (then `reply.value` is the Ref and `reply.spilled` is True).
         """
-        subject = subjects.call(call.session, call.callee)
+        if call.caller != self.name or call.heartbeat is None:
+            call = call.model_copy(
+                update={"caller": self.name, "heartbeat": call.heartbeat or self.heartbeat}
+            )
+        subject = subjects.call(call.session, call.callee, self.name)
         data = encode(call)
         if len(data) > self.spill_threshold:
             call = await self._spill_call(call, len(data))
@@ -245,40 +306,41 @@ class Bus:
                 f"call to {call.callee!r} is {len(data)} bytes, over the server's max_payload of "
                 f"{self.nc.max_payload}; pass large data as context= so it travels by reference"
             )
+        inbox = self._inbox or await self._open_inbox()
+        self._next_token += 1
+        token = str(self._next_token)
+        loop = asyncio.get_running_loop()
+        p = _Pending(call, subject, data, f"{inbox}.{token}", loop, remaining)
+        self._pending[token] = p
+        if self._watch is None:
+            self._watch = loop.call_later(self.heartbeat / 4, self._check)
         try:
-            msg = await self._request(subject, data, remaining)
-        except nats.errors.NoRespondersError:
-            raise Unavailable(
-                f"no peer named {call.callee!r} is serving in session {call.session!r}; "
-                "check the name and that the peer was started",
-                call_id=call.id,
-                callee=call.callee,
-            ) from None
-        except nats.errors.TimeoutError:
-            await self._cancel(call, "caller timed out")
-            raise CallTimeout(
-                f"{call.callee!r} did not answer within {remaining:.3g}s",
-                call_id=call.id,
-                callee=call.callee,
-            ) from None
-        except anyio.get_cancelled_exc_class():
-            await self._cancel(call, "caller was cancelled")
-            raise
-        except nats.errors.ConnectionClosedError:
-            raise Unavailable(
-                "the bus connection is closed", call_id=call.id, callee=call.callee
-            ) from None
-        except nats.errors.Error as e:
-            if "permissions violation" in str(e).lower():
-                raise PermissionDenied(
-                    f"{call.caller!r} may not call {call.callee!r} (the server refused: {e}); "
-                    f"if it should, add {call.callee!r} to {call.caller!r}'s calls in the council",
+            try:
+                await self.nc.publish(subject, data, reply=p.reply)
+            except nats.errors.ConnectionClosedError:
+                raise Unavailable(
+                    "the bus connection is closed", call_id=call.id, callee=call.callee
+                ) from None
+            except nats.errors.OutboundBufferLimitError:
+                raise Unavailable(
+                    "disconnected from NATS and the outgoing buffer is full; retry once the "
+                    "connection is back",
                     call_id=call.id,
                     callee=call.callee,
                 ) from None
-            raise Unavailable(
-                f"NATS error calling {call.callee!r}: {e}", call_id=call.id, callee=call.callee
-            ) from None
+            msg = await p.future
+        except CallTimeout:
+            await self._cancel(call, "caller timed out")
+            raise
+        except Unavailable:
+            await self._cancel(call, "caller gave up: no sign of life")  # if it is only slow
+            raise
+        except anyio.get_cancelled_exc_class():
+            await self._cancel(call, "caller was cancelled")
+            raise
+        finally:
+            p.timer.cancel()
+            del self._pending[token]
         try:
             answer = decode(msg.data)
         except MalformedMessage as e:
@@ -299,44 +361,140 @@ class Bus:
             answer = answer.model_copy(update={"value": value, "spilled": False})
         return answer
 
-    async def _request(self, subject: str, data: bytes, timeout: float) -> Msg:
-        if subject in self._routed:
-            return await self.nc.request(subject, data, timeout=timeout)
-        refused: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        # nats-py lowercases the server's error text, so refusals are matched by lower case.
-        waiters = self._refusal_waiters.setdefault(subject.lower(), set())
-        waiters.add(refused)
-        request = asyncio.ensure_future(self.nc.request(subject, data, timeout=timeout))
+    async def _open_inbox(self) -> str:
+        if self._inbox_lock is None:
+            self._inbox_lock = anyio.Lock()
+        async with self._inbox_lock:
+            if self._inbox is None:
+                inbox = self.nc.new_inbox()
+                # Subscribed before the first call is published on the same connection, so
+                # the server has it before any answer can come: no flush needed.
+                await self.nc.subscribe(
+                    inbox + ".*",
+                    cb=self._on_answer,
+                    pending_msgs_limit=1_000_000,
+                    pending_bytes_limit=1 << 30,
+                )
+                self._inbox_cut = len(inbox) + 1
+                self._inbox = inbox
+        return self._inbox
+
+    async def _on_answer(self, msg: Msg) -> None:
+        p = self._pending.get(msg.subject[self._inbox_cut :])
+        if p is None or p.future.done():
+            return  # an answer to a call given up on, or a duplicate after a re-send
+        data = msg.data
+        if not data and msg.headers and msg.headers.get("Status") == _NO_RESPONDERS:
+            self._nobody_serves(p)
+        elif data.startswith(_WORKING):
+            p.heard = time.monotonic()
+            p.acked = True
+        else:
+            p.future.set_result(msg)
+
+    def _nobody_serves(self, p: _Pending) -> None:
+        """No process subscribes to the callee's calls (the server said so at once)."""
+        call = p.call
+        if time.monotonic() - self._reconnected < SILENT_AFTER * p.beat:
+            # Back from a server restart before the callee: it will subscribe again shortly.
+            self._loop_later(p.beat / ACK_FRACTION, p)
+            return
+        if p.acked:
+            message = (
+                f"{call.callee!r} stopped serving while it held this call (its process is "
+                "gone and no other process serves it); start it again and retry"
+            )
+        else:
+            message = (
+                f"no peer named {call.callee!r} is serving in session {call.session!r}; "
+                "check the name and that the peer was started"
+            )
+        p.fail(Unavailable(message, call_id=call.id, callee=call.callee))
+
+    def _check(self) -> None:
+        """The liveness watch: re-send a silent call once, fail it if the re-send is silent."""
+        self._watch = None
+        now = time.monotonic()
+        for p in list(self._pending.values()):
+            if p.future.done():
+                continue
+            if not self._connected:  # nothing can be heard while cut off: judge after
+                p.heard = now
+                continue
+            window = SILENT_AFTER * p.beat if p.acked else p.beat
+            if now - max(p.heard, p.asked) <= window:
+                continue
+            if p.asked > 0 and p.heard < p.asked:
+                call = p.call
+                p.fail(
+                    Unavailable(
+                        f"{call.callee!r} went silent: no sign of it for {now - p.heard:.3g}s "
+                        f"(it signals every {p.beat:g}s), nor after the call was sent again; "
+                        "its process probably died. Retry once it is serving again",
+                        call_id=call.id,
+                        callee=call.callee,
+                    )
+                )
+                continue
+            _log.info("call.resent", call=p.call.id, callee=p.call.callee, silent=now - p.heard)
+            p.asked = now
+            self._spawn(self._republish(p))
+        if self._pending:
+            self._watch = asyncio.get_running_loop().call_later(self.heartbeat / 4, self._check)
+
+    def _loop_later(self, delay: float, p: _Pending) -> None:
+        asyncio.get_running_loop().call_later(delay, lambda: self._spawn(self._republish(p)))
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _republish(self, p: _Pending) -> None:
+        if p.future.done():
+            return
         try:
-            await asyncio.wait({request, refused}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            waiters.discard(refused)
-            if not waiters:
-                self._refusal_waiters.pop(subject.lower(), None)
-            if not request.done():
-                request.cancel()
-                request.add_done_callback(_consume)
-        if refused.done():
-            raise nats.errors.Error(refused.result())  # mapped to PermissionDenied by send()
-        error = request.exception()
-        if error is None or isinstance(error, nats.errors.NoRespondersError):
-            self._routed.add(subject)  # the server let it through: publishing is allowed
-        return request.result()
+            await self.nc.publish(p.subject, p.data, reply=p.reply)
+        except Exception as e:  # the watch (or the deadline) still ends the call
+            _log.debug("call.not_resent", call=p.call.id, error=str(e))
+
+    async def _on_reconnected(self) -> None:
+        """Send every pending call again: some were published into the dead connection."""
+        now = self._reconnected = time.monotonic()
+        self._connected = True
+        pending = [p for p in self._pending.values() if not p.future.done()]
+        for p in pending:
+            p.heard, p.asked, p.acked = now, 0.0, False
+        if pending:
+            _log.info("calls.resent_on_reconnect", calls=len(pending))
+        for p in pending:
+            await self._republish(p)
 
     def _on_nats_error(self, e: Exception) -> None:
+        # Permission refusals arrive asynchronously (an -ERR, via error_cb), never as a
+        # reply: fail the calls on that subject at once instead of letting them go silent.
         text = str(e)
         if "permissions violation for publish to" not in text.lower():
             return
         subject = text.rsplit(" to ", 1)[-1].strip().strip('"').lower()
-        for waiter in self._refusal_waiters.get(subject, ()):
-            if not waiter.done():
-                waiter.set_result(text)
+        for p in list(self._pending.values()):
+            if p.subject.lower() == subject and not p.acked:
+                call = p.call
+                p.fail(
+                    PermissionDenied(
+                        f"{call.caller!r} may not call {call.callee!r} (the server refused: "
+                        f"{text}); if it should, add {call.callee!r} to {call.caller!r}'s calls "
+                        "in the council",
+                        call_id=call.id,
+                        callee=call.callee,
+                    )
+                )
 
     async def _cancel(self, call: Call, reason: str) -> None:
         with anyio.CancelScope(shield=True):
             try:
                 await self.nc.publish(
-                    subjects.cancel(call.session, call.callee),
+                    subjects.cancel(call.session, call.callee, self.name),
                     encode(Cancel(id=call.id, reason=reason)),
                 )
             except Exception as e:  # best effort: the callee's deadline still stops it
@@ -366,6 +524,7 @@ class Bus:
         """Answer calls to `peer` until cancelled; up to `concurrency` handlers run at once.
 
         Use as `await tg.start(bus.serve, "critic", handler)`: it returns once subscribed.
+        Every process serving the same `peer` joins one queue group: each call goes to one.
         """
         server = _Server(self, peer, handler, concurrency)
         await server.run(task_status)
@@ -375,9 +534,57 @@ def _json_bytes(value: Any) -> bytes:
     return to_json(value, by_alias=True)
 
 
-def _consume(task: asyncio.Future[Any]) -> None:
-    if not task.cancelled():
-        task.exception()
+class _Pending:
+    """A call this bus sent and still waits for."""
+
+    __slots__ = (
+        *("call", "subject", "data", "reply", "future", "timer"),
+        *("beat", "heard", "asked", "acked"),
+    )
+
+    def __init__(
+        self,
+        call: Call,
+        subject: str,
+        data: bytes,
+        reply: str,
+        loop: asyncio.AbstractEventLoop,
+        remaining: float,
+    ):
+        self.call, self.subject, self.data, self.reply = call, subject, data, reply
+        self.future: asyncio.Future[Msg] = loop.create_future()
+        self.timer = loop.call_later(remaining, self._expire, remaining)
+        self.beat: float = call.heartbeat or HEARTBEAT
+        self.heard = time.monotonic()  # the last sign of the callee (or when it was sent)
+        self.asked = 0.0  # when it was last re-sent for silence (0: never)
+        self.acked = False  # the callee has said it holds the call
+
+    def fail(self, error: CallFailed) -> None:
+        if not self.future.done():
+            self.future.set_exception(error)
+
+    def _expire(self, remaining: float) -> None:
+        self.fail(
+            CallTimeout(
+                f"{self.call.callee!r} did not answer within {remaining:.3g}s",
+                call_id=self.call.id,
+                callee=self.call.callee,
+            )
+        )
+
+
+class _Held:
+    """A call this server holds, queued or running, and everyone waiting for its answer."""
+
+    __slots__ = ("call", "caller", "cancelled", "replies", "scope", "timer")
+
+    def __init__(self, call: Call, caller: str, reply: str):
+        self.call = call
+        self.caller = caller
+        self.replies = [reply]
+        self.scope: anyio.CancelScope | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.cancelled = False
 
 
 class _Server:
@@ -386,35 +593,27 @@ class _Server:
         self.peer = subjects.check_name(peer, "peer name")
         self.handler = handler
         self.limiter = anyio.Semaphore(concurrency)
-        self.running: dict[str, anyio.CancelScope] = {}
+        self.held: dict[str, _Held] = {}
+        self.answered: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
+        self.answered_bytes = 0
         self.log = _log.bind(session=bus.session, peer=peer)
+        self.loop = asyncio.get_running_loop()
+        self.tasks: set[asyncio.Task[Any]] = set()
 
     async def run(self, task_status: TaskStatus[None]) -> None:
         nc = self.bus.nc
-        loop = asyncio.get_running_loop()
-        tasks: set[asyncio.Task[None]] = set()
-
-        async def on_call(msg: Msg) -> None:
-            # nats-py awaits this inline, one message at a time: only hand off here.
-            # A bare asyncio task costs a third of an anyio task-group spawn, and this is
-            # the hot path; `tasks` keeps them owned, and the finally below reaps them.
-            try:  # no checkpoint (an extra loop turn per call) unless we must wait
-                self.limiter.acquire_nowait()
-            except anyio.WouldBlock:
-                await self.limiter.acquire()
-            task = loop.create_task(self._handle(msg))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-
+        session = self.bus.session
         subs = [
             await nc.subscribe(
-                subjects.call(self.bus.session, self.peer),
+                subjects.call(session, self.peer, subjects.ANY),
                 queue=self.peer,
-                cb=on_call,
+                cb=self._on_call,
                 pending_msgs_limit=1_000_000,
                 pending_bytes_limit=1 << 30,
             ),
-            await nc.subscribe(subjects.cancel(self.bus.session, self.peer), cb=self._on_cancel),
+            await nc.subscribe(
+                subjects.cancel(session, self.peer, subjects.ANY), cb=self._on_cancel
+            ),
         ]
         try:
             await settle(nc)
@@ -424,24 +623,135 @@ class _Server:
         finally:
             await unsubscribe(subs)
             with anyio.CancelScope(shield=True):
-                for task in tasks:
+                for held in self.held.values():
+                    if held.timer is not None:
+                        held.timer.cancel()
+                for task in self.tasks:
                     task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
+                await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        # A bare asyncio task costs a third of an anyio task-group spawn, and this is the
+        # hot path; `tasks` keeps them owned, and run()'s finally reaps them.
+        task = self.loop.create_task(coro)  # type: ignore[arg-type]
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _send(self, reply: str, data: bytes) -> None:
+        try:
+            await self.bus.nc.publish(reply, data)
+        except Exception as e:  # the caller's watch re-sends, and is answered from the cache
+            self.log.warning("reply.not_sent", error=str(e))
+
+    async def _on_call(self, msg: Msg) -> None:
+        # nats-py awaits this inline, one message at a time: take the call in and hand it
+        # off; never wait here, so every held call is acknowledged and heartbeaten.
+        caller = msg.subject.rpartition(".")[2]
+        reply = msg.reply
+        if not subjects.is_reply_to(reply, self.bus.session, caller):
+            # Answering would publish for someone else: refuse, and say so in the log.
+            self.log.warning(
+                "call.refused",
+                kind="bad_request",
+                caller=caller,
+                reply=reply or None,
+                reason="the reply subject is not in the caller's inbox",
+            )
+            return
+        try:
+            call = decode(msg.data)
+        except MalformedMessage as e:
+            self.log.warning("call.malformed", caller=caller, reason=str(e))
+            await self._send(
+                reply,
+                encode(
+                    Failure(
+                        kind="bad_request", message=f"{self.peer!r} could not read the request: {e}"
+                    )
+                ),
+            )
+            return
+        failure = self._refusal(call, caller)
+        if failure is not None:
+            await self._send(reply, encode(failure))
+            return
+        assert isinstance(call, Call)
+        held = self.held.get(call.id)
+        if held is not None:  # a re-send of a call we hold: one more reply subject, same run
+            if reply not in held.replies:
+                held.replies.append(reply)
+            await self._send(reply, encode(Working(id=call.id)))
+            return
+        answered = self.answered.get(call.id)
+        if answered is not None:  # a re-send of a call we answered: the same answer again
+            self.log.info("call.answered_again", call=call.id, caller=caller)
+            await self._send(reply, answered[0])
+            return
+        held = self.held[call.id] = _Held(call, caller, reply)
+        held.timer = self.loop.call_later(self._beat_of(call) / ACK_FRACTION, self._beat, held)
+        self._spawn(self._handle(held))
+
+    def _refusal(self, call: Any, caller: str) -> Failure | None:
+        if not isinstance(call, Call):
+            return Failure(
+                kind="bad_request",
+                message=f"{self.peer!r} expected a call, got a {call.type!r} message",
+            )
+        if call.caller != caller:
+            self.log.warning("call.spoofed", call=call.id, caller=caller, claimed=call.caller)
+            return Failure(
+                id=call.id,
+                kind="permission_denied",
+                message=f"the call was sent by {caller!r} but claims to be from "
+                f"{call.caller!r}; a caller may only speak for itself",
+            )
+        if call.callee != self.peer or call.session != self.bus.session:
+            return Failure(
+                id=call.id,
+                kind="bad_request",
+                message=f"call addressed to {call.session}/{call.callee} reached {self.peer!r}",
+            )
+        return None
+
+    def _beat_of(self, call: Call) -> float:
+        return call.heartbeat or self.bus.heartbeat
+
+    def _beat(self, held: _Held) -> None:
+        """Tell everyone waiting on a held call that it is still being worked on."""
+        if self.held.get(held.call.id) is not held:
+            return
+        held.timer = self.loop.call_later(self._beat_of(held.call), self._beat, held)
+        data = encode(Working(id=held.call.id))
+        for reply in held.replies:
+            self._spawn(self._send(reply, data))
 
     async def _on_cancel(self, msg: Msg) -> None:
         try:
             cancel = decode(msg.data)
         except MalformedMessage:
             return
-        if isinstance(cancel, Cancel) and (scope := self.running.get(cancel.id)):
-            self.log.info("call.cancelled", call=cancel.id, reason=cancel.reason)
-            scope.deadline = -inf
+        if not isinstance(cancel, Cancel):
+            return
+        held = self.held.get(cancel.id)
+        # Only the caller of a call may withdraw it: the subject names who cancels.
+        if held is None or held.caller != msg.subject.rpartition(".")[2]:
+            return
+        self.log.info("call.cancelled", call=cancel.id, reason=cancel.reason)
+        held.cancelled = True
+        if held.scope is not None:
+            held.scope.deadline = -inf
 
-    async def _handle(self, msg: Msg) -> None:
+    async def _handle(self, held: _Held) -> None:
+        call = held.call
         try:
-            answer = await self._answer(msg)
-            if not msg.reply:
-                return
+            try:  # no checkpoint (an extra loop turn per call) unless we must wait
+                self.limiter.acquire_nowait()
+            except anyio.WouldBlock:
+                await self.limiter.acquire()
+            try:
+                answer = await self._answer(held)
+            finally:
+                self.limiter.release()
             data = encode(answer)
             if len(data) > self.bus.spill_threshold:
                 data = await self._spill(answer, data)
@@ -454,11 +764,36 @@ class _Server:
                         f"server's max_payload ({self.bus.nc.max_payload}); return a Ref instead",
                     )
                 )
-            await self.bus.nc.publish(msg.reply, data)
+            # Remembered before it is let go, with no await between: a re-send finds it in
+            # one table or the other, never in neither.
+            self._remember(call, data)
+            self._let_go(held)
+            for reply in held.replies:
+                await self._send(reply, data)
         except Exception as e:
-            self.log.error("reply.not_sent", error=str(e), exc_info=True)
+            self.log.error("reply.not_sent", call=call.id, error=str(e), exc_info=True)
         finally:
-            self.limiter.release()
+            self._let_go(held)
+
+    def _let_go(self, held: _Held) -> None:
+        if held.timer is not None:
+            held.timer.cancel()
+        if self.held.get(held.call.id) is held:
+            del self.held[held.call.id]
+
+    def _remember(self, call: Call, data: bytes) -> None:
+        now = time.time()
+        expires = call.deadline if call.deadline is not None else now + ANSWERED_TTL
+        self.answered[call.id] = (data, expires)
+        self.answered_bytes += len(data)
+        answered = self.answered
+        while answered and (
+            len(answered) > ANSWERED_ENTRIES
+            or self.answered_bytes > ANSWERED_BYTES
+            or next(iter(answered.values()))[1] < now
+        ):
+            _, (old, _) = answered.popitem(last=False)
+            self.answered_bytes -= len(old)
 
     async def _spill(self, answer: Reply | Failure, data: bytes) -> bytes:
         """Put a big reply value (or failure partial) in the store and send its Ref."""
@@ -483,25 +818,10 @@ class _Server:
             )
         return data
 
-    async def _answer(self, msg: Msg) -> Reply | Failure:
-        try:
-            call = decode(msg.data)
-        except MalformedMessage as e:
-            self.log.warning("call.malformed", reason=str(e))
-            return Failure(
-                kind="bad_request", message=f"{self.peer!r} could not read the request: {e}"
-            )
-        if not isinstance(call, Call):
-            return Failure(
-                kind="bad_request",
-                message=f"{self.peer!r} expected a call, got a {call.type!r} message",
-            )
-        if call.callee != self.peer or call.session != self.bus.session:
-            return Failure(
-                id=call.id,
-                kind="bad_request",
-                message=f"call addressed to {call.session}/{call.callee} reached {self.peer!r}",
-            )
+    async def _answer(self, held: _Held) -> Reply | Failure:
+        call = held.call
+        if held.cancelled:
+            return Failure(id=call.id, kind="cancelled", message="the caller cancelled the call")
         remaining = call.remaining()
         if remaining is not None and remaining <= 0:
             return Failure(
@@ -510,8 +830,9 @@ class _Server:
         started = time.perf_counter()
         # One scope for both ways of stopping: the deadline, and a Cancel from the caller
         # (which `_on_cancel` marks by setting the deadline to -inf).
-        scope = anyio.CancelScope(deadline=anyio.current_time() + remaining if remaining else inf)
-        self.running[call.id] = scope
+        scope = held.scope = anyio.CancelScope(
+            deadline=anyio.current_time() + remaining if remaining else inf
+        )
         try:
             with scope:
                 result = await self.handler(call)
@@ -532,8 +853,6 @@ class _Server:
             return Failure(
                 id=call.id, kind="peer_error", message=f"{self.peer}: {type(e).__name__}: {e}"
             )
-        finally:
-            del self.running[call.id]
 
     def _reply(self, call: Call, result: Any, elapsed: float) -> Reply:
         if isinstance(result, Reply):

@@ -167,6 +167,9 @@ class Call(_Model):
     budget: Budget | None = None
     parent: str | None = None
     root: str | None = None
+    heartbeat: float | None = Field(default=None, gt=0)
+    """Seconds between the `Working` signals the caller wants while the callee holds the call;
+    the caller's setting, so both ends agree on what silence means."""
 
     def remaining(self, now: float | None = None) -> float | None:
         """Seconds left before the deadline (wall clock, so it means the same in every process)."""
@@ -192,6 +195,16 @@ class Failure(_Model):
     message: str
     partial: Value = None
     usage: Usage = Usage()
+
+
+class Working(_Model):
+    """A callee still holds call `id` (queued or running): sent to the call's reply subject
+    once it has held it a moment without an answer, then every `Call.heartbeat` seconds.
+    The caller takes silence as the callee's death: re-sends once, then fails `unavailable`."""
+
+    type: Literal["working"] = "working"
+    v: int = SCHEMA_VERSION
+    id: str
 
 
 class Cancel(_Model):
@@ -248,7 +261,7 @@ class Log(_Event):
 
 Event: TypeAlias = Step | Completion | Execution | Log
 Message: TypeAlias = Annotated[
-    Call | Reply | Failure | Cancel | Step | Completion | Execution | Log,
+    Call | Reply | Failure | Working | Cancel | Step | Completion | Execution | Log,
     Field(discriminator="type"),
 ]
 

@@ -2,10 +2,14 @@
 
 Layout (one session is one namespace, so permissions and cleanup are per session):
 
-    council.<session>.call.<peer>            requests to a peer (queue group = peer)
-    council.<session>.cancel.<peer>          a caller giving up on a call
-    council.<session>.event.<peer>.<type>    fire-and-forget events
-    _INBOX.<session>.<peer>.*                the reply inbox of a peer's connection
+    council.<session>.call.<callee>.<caller>     requests to a peer (queue group = callee)
+    council.<session>.cancel.<callee>.<caller>   a caller giving up on a call
+    council.<session>.event.<peer>.<type>        fire-and-forget events
+    _INBOX.<session>.<peer>.>                    the reply inbox of a peer's connection
+
+The caller's name is the last token of a call so that the server, which lets each user
+publish only with its own names there, vouches for who called: a callee believes the
+subject, never the body. Answers go only to a reply subject inside the caller's inbox.
 """
 
 from __future__ import annotations
@@ -52,12 +56,28 @@ def check_name(name: str, what: str = "name") -> str:
     )
 
 
-def call(session: str, peer: str) -> str:
-    return f"{PREFIX}.{check_name(session, 'session')}.call.{check_name(peer, 'peer name')}"
+ANY = "*"
+"""Stands for every caller in `call` and `cancel` (what a server subscribes to)."""
 
 
-def cancel(session: str, peer: str) -> str:
-    return f"{PREFIX}.{check_name(session, 'session')}.cancel.{check_name(peer, 'peer name')}"
+def _caller(caller: str) -> str:
+    return caller if caller == ANY else check_name(caller, "caller name")
+
+
+def call(session: str, callee: str, caller: str) -> str:
+    """Where `caller` sends calls to `callee`; `caller=ANY` is what `callee` listens on."""
+    return (
+        f"{PREFIX}.{check_name(session, 'session')}.call."
+        f"{check_name(callee, 'peer name')}.{_caller(caller)}"
+    )
+
+
+def cancel(session: str, callee: str, caller: str) -> str:
+    """Where `caller` withdraws its calls to `callee`; `caller=ANY` for the listener."""
+    return (
+        f"{PREFIX}.{check_name(session, 'session')}.cancel."
+        f"{check_name(callee, 'peer name')}.{_caller(caller)}"
+    )
 
 
 def event(session: str, peer: str, type_: str) -> str:
@@ -81,23 +101,34 @@ def inbox_prefix(session: str, peer: str) -> str:
     return f"_INBOX.{check_name(session, 'session')}.{check_name(peer, 'peer name')}"
 
 
+def is_reply_to(reply: str | None, session: str, caller: str) -> bool:
+    """True if `reply` lies inside `caller`'s own inbox: the only place an answer may go."""
+    return bool(reply) and reply.startswith(inbox_prefix(session, caller) + ".")  # type: ignore[union-attr]
+
+
 @dataclass(frozen=True)
 class Subject:
     session: str
     verb: Verb
     peer: str
+    """The callee of a call or cancel, the sender of an event."""
     type: str | None = None
+    """An event's type."""
+    caller: str | None = None
+    """Who sent a call or cancel (vouched for by the server under rights)."""
 
 
 def parse(subject: str) -> Subject:
     parts = subject.split(".")
     if len(parts) < 4 or parts[0] != PREFIX or parts[2] not in ("call", "cancel", "event"):
         raise InvalidName(
-            f"{subject!r} is not a council subject ({PREFIX}.<session>.<verb>.<peer>)"
+            f"{subject!r} is not a council subject ({PREFIX}.<session>.<verb>.<peer>...)"
         )
     _, session, verb, peer, *rest = parts
-    if (verb == "event" and len(rest) != 1) or (verb != "event" and rest):
+    if len(rest) != 1:
         raise InvalidName(f"{subject!r} has the wrong number of tokens for a {verb} subject")
     check_name(session, "session")
     check_name(peer, "peer name")
-    return Subject(session, verb, peer, rest[0] if rest else None)  # type: ignore[arg-type]
+    if verb == "event":
+        return Subject(session, verb, peer, type=check_name(rest[0], "event type"))
+    return Subject(session, verb, peer, caller=check_name(rest[0], "caller name"))  # type: ignore[arg-type]

@@ -249,7 +249,9 @@ class PromptLog:
                 self._seen(call)
 
         for peer in self.peers:
-            subs.append(await bus.nc.subscribe(subjects.call(bus.session, peer), cb=on_call))
+            subs.append(
+                await bus.nc.subscribe(subjects.call(bus.session, peer, subjects.ANY), cb=on_call)
+            )
         await settle(bus.nc)
         task_status.started()
         try:

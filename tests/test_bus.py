@@ -82,7 +82,7 @@ async def test_malformed_requests_get_bad_request_and_the_peer_keeps_serving(con
     ]
     async with anyio.create_task_group() as tg:
         await tg.start(server.serve, "echo", echo)
-        subject = subjects.call(client.session, "echo")
+        subject = subjects.call(client.session, "echo", "client")
         for payload in garbage + wrong_shapes:
             msg = await client.nc.request(subject, payload, timeout=5)
             failure = decode(msg.data)

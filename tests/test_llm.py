@@ -183,7 +183,7 @@ async def test_context_ref_is_read_by_the_peer_not_the_caller(nats_server, sessi
         async def watch(msg):
             sent.append(len(msg.data))
 
-        sub = await client.nc.subscribe(subjects.call(session_id, "llm"), cb=watch)
+        sub = await client.nc.subscribe(subjects.call(session_id, "llm", subjects.ANY), cb=watch)
         reply = await client.call("llm", "What is the secret?", context=ref, timeout=30)
         await sub.unsubscribe()
     assert reply.value == "found 7341"
@@ -209,7 +209,7 @@ async def test_spilled_conversation_is_read_back_by_the_peer(nats_server, sessio
         async def watch(msg):
             sent.append(len(msg.data))
 
-        sub = await client.nc.subscribe(subjects.call(session_id, "llm"), cb=watch)
+        sub = await client.nc.subscribe(subjects.call(session_id, "llm", subjects.ANY), cb=watch)
         reply = await client.call("llm", "go on", args={"messages": chat}, timeout=30)
         await sub.unsubscribe()
     assert reply.value == "ok"
