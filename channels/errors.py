@@ -132,3 +132,20 @@ class IntegrityError(StoreError):
 
 class UnsupportedValue(StoreError, TypeError):
     """A value the store cannot hold: not text, bytes, or JSON-able data."""
+
+
+class StoreUnavailable(StoreError):
+    """The store did not answer within the deadline (server restarting, no stream leader,
+    connection closed). Nothing was lost by the failed operation: retry it later."""
+
+
+class NotProvisioned(StoreUnavailable):
+    """The session's store does not exist: only the runner (admin) creates it."""
+
+
+class StoreForbidden(StoreError, PermissionError):
+    """An operation only the runner (admin) may do: keep, delete, drop, provision."""
+
+
+class TooLarge(StoreError):
+    """The value is bigger than the reader's limit; nothing was read or allocated."""

@@ -2,15 +2,24 @@
 
 Peers pass `Ref`s, not values, so a 40 MB document crosses the bus as a few hundred bytes
 and is read only by whoever needs it. Everything lives in JetStream (file storage, so it
-survives a server restart):
+survives a server restart; `replicas` copies on a cluster, so it survives losing a node).
 
-- one stream, `COUNCIL_STORE`, subjects `cstore.>`:
-      cstore.s.<scope>.<hex>.m             the value's record (one message; see below)
-      cstore.s.<scope>.<hex>.d.<upload>    its chunks, in order, when it does not fit inline
-      cstore.k.<hex>...                    the same for kept values (outlive every session)
-  A record's `Council-Meta` header holds size, kind and where the chunks are; its payload
-  is the value itself when it fits in one chunk, else the sha256 of every chunk.
-- one KV bucket, `council-vars`, keys `<scope>.<name>`, for named mutable variables.
+Layout: one stream and one KV bucket per session, so that a peer's rights can be the exact
+data-plane subjects of its own session (`peer_subjects`): a direct get by sequence on its
+session's stream cannot reach another session's data, and no peer needs any
+`$JS.API.STREAM.*` right.
+
+- stream `CSTORE_S_<session>`, subjects `cstore.s.<session>.>`:
+      cstore.s.<session>.<hex>.m                 the value's record (one message; see below)
+      cstore.s.<session>.<hex>.d.<upload>.<i>    chunk i, when it does not fit inline
+- stream `CSTORE_K`, subjects `cstore.k.>`: the same for kept values (outlive every
+  session). Only the runner writes there; every peer may read it (see `peer_subjects`).
+- KV bucket `cvars_<session>`, keys `<name>`, for named mutable variables.
+
+A record's `Council-Meta` header holds size, kind, chunk size and where the chunks are;
+its payload is the value itself when it fits in one chunk, else the sha256 of every chunk.
+Creating and deleting streams and buckets is the runner's (`Store.provision`, `drop`);
+`Store.open` only opens.
 
 Why not nats-py's Object Store: its get reads one message at a time through a consumer and
 grows its result by concatenation (measured at ~16 MB/s). Here a write publishes every
@@ -18,9 +27,18 @@ chunk back to back and collects the acks as they come (a bounded window, no roun
 per chunk); a read asks for a window of chunks with one batched direct get and receives
 them on one subscription, so the transfer is as fast as the socket and the hash.
 
+Faults: every chunk carries a `Nats-Msg-Id` and its index in its subject, so a write cut
+by a restart or a leader change re-sends what was not acknowledged (the stream drops
+duplicates) and a read asks again from the last sequence it got, placing chunks by index.
+Either finishes, or fails with `StoreUnavailable` once nothing has moved for `timeout`
+seconds. A compare-and-set write carries a message id too: re-sent after a lost ack, it
+is recognised as the same write and never applied twice.
+
 Integrity: the record is written last and only if none exists (expected last subject
-sequence 0), so a half-written or racing upload is never visible. Every read checks
-the sha256 of what it returns; `stream` also checks each chunk before yielding it.
+sequence 0), so a half-written or racing upload is never visible. A Ref's size is checked
+against the record, the record against the reader's limit before anything is allocated,
+and every read checks the sha256 of what it returns; `stream` also checks each chunk
+before yielding it.
 """
 
 from __future__ import annotations
@@ -29,6 +47,7 @@ import hashlib
 import json
 import random
 import re
+import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -42,7 +61,6 @@ import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.api import StorageType
-from nats.js.kv import KeyValue
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from channels import log, subjects
@@ -50,7 +68,11 @@ from channels.errors import (
     IntegrityError,
     InvalidName,
     NotFound,
+    NotProvisioned,
     StoreError,
+    StoreForbidden,
+    StoreUnavailable,
+    TooLarge,
     UnsupportedValue,
 )
 from channels.messages import Ref, ValueKind
@@ -58,10 +80,10 @@ from channels.natsio import unsubscribe
 
 _log = log.get("council.store")
 
-STREAM = "COUNCIL_STORE"
 PREFIX = "cstore"
-KV_BUCKET = "council-vars"
-KV_STREAM = f"KV_{KV_BUCKET}"  # the stream JetStream keeps a KV bucket in
+STREAM_PREFIX = "CSTORE_S_"  # + session: one stream per session
+KEPT_STREAM = "CSTORE_K"  # kept values, written by the runner only
+KV_PREFIX = "cvars_"  # + session: one KV bucket per session
 META_HEADER = "Council-Meta"
 
 DEFAULT_CHUNK = 512 * 1024  # measured: 256 KiB is ~40% slower to write, 1 MiB no faster
@@ -71,10 +93,68 @@ INFLIGHT_BYTES = 32 * 1024 * 1024  # unacknowledged chunk bytes a writer may hav
 THREAD_HASH_BYTES = 8 * 1024 * 1024  # hash bigger values off the event loop
 KV_INLINE_BYTES = 64 * 1024  # a bound value bigger than this goes to the store as a Ref
 PREVIEW_CHARS = 100
-DEFAULT_TIMEOUT = 30.0
+DEFAULT_TIMEOUT = 30.0  # an operation fails once nothing has moved for this long
+DEFAULT_READ_LIMIT = 1024 * 1024 * 1024  # the biggest value a reader takes unless told
+RETRY_AFTER = 2.0  # a read or write with no answer for this long asks again
+OPEN_GRACE = 5.0  # how long `open` waits for a store that does not answer yet
+CLUSTER_REPLICAS = 3
 
 _NAME = re.compile(r"[A-Za-z0-9_\-/=]+(\.[A-Za-z0-9_\-/=]+)*")
 _WRONG_LAST_SEQUENCE = (10071, 10164)
+_TRANSIENT = (
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.errors.OutboundBufferLimitError,
+)
+
+
+def stream_name(scope: str) -> str:
+    """The stream holding a session's values ("" = the kept values)."""
+    return f"{STREAM_PREFIX}{subjects.check_name(scope, 'scope')}" if scope else KEPT_STREAM
+
+
+def kv_bucket(scope: str) -> str:
+    return f"{KV_PREFIX}{subjects.check_name(scope, 'scope')}"
+
+
+def _location(scope: str) -> str:
+    return f"{PREFIX}.s.{scope}" if scope else f"{PREFIX}.k"
+
+
+def _direct(stream: str) -> list[str]:
+    return [f"$JS.API.DIRECT.GET.{stream}", f"$JS.API.DIRECT.GET.{stream}.>"]
+
+
+def peer_subjects(session: str) -> tuple[list[str], list[str]]:
+    """(publish, subscribe): exactly what a peer of `session` needs to use the store.
+
+    Writes of its session's values and variables; direct gets (by sequence or by subject)
+    on its session's stream and bucket, and on the kept values. Nothing of another
+    session, and no JetStream management. Kept values are readable by every peer: they
+    belong to no session (content-addressed, written only by the runner, meant to be
+    read by later sessions); give tenants that must not see each other's kept values
+    their own server or account. Replies come to the connection's own inbox, which the
+    bus's rights already grant, so the subscribe list is empty.
+    """
+    bucket = kv_bucket(session)
+    publish = [
+        f"{_location(session)}.>",
+        *_direct(stream_name(session)),
+        *_direct(KEPT_STREAM),
+        f"$KV.{bucket}.>",
+        *_direct(f"KV_{bucket}"),
+    ]
+    return publish, []
+
+
+def default_replicas(nc: NATS) -> int:
+    """3 on a cluster of 3 or more servers (as the connected server reports it), else 1."""
+    info = getattr(nc, "_server_info", None) or {}
+    if not info.get("cluster"):
+        return 1
+    own = {f"{info.get('host')}:{info.get('port')}"}
+    servers = own | set(info.get("connect_urls") or [])
+    return CLUSTER_REPLICAS if len(servers) >= CLUSTER_REPLICAS else 1
 
 
 class _Missing:
@@ -94,6 +174,7 @@ class _Meta(BaseModel):
     size: int
     kind: ValueKind
     chunks: int = 0  # 0: the value is the record's payload
+    chunk: int = 0  # bytes per chunk (the last may be shorter)
     first: int = 0  # stream sequences of the first and last chunk
     last: int = 0
     upload: str = ""
@@ -162,14 +243,6 @@ def _chunk_digests(data: bytes, chunk: int) -> bytes:
     )
 
 
-def _place(view: memoryview, off: int, part: bytes, ref: Ref) -> int:
-    end = off + len(part)
-    if end > len(view):
-        raise IntegrityError(f"{ref!r} is corrupted: its chunks hold more than {ref.size} bytes")
-    view[off:end] = part
-    return end
-
-
 def _sha256_hex(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -193,27 +266,32 @@ def _check_var(name: str) -> str:
 
 
 class Store:
-    """One scope's view of the shared store, on a caller's NATS connection.
+    """One session's view of the shared store, on a caller's NATS connection.
 
-    `scope` is usually the session id: what is put here is removed by `drop()` when the
-    session ends, unless it was put with `keep=True`. Refs from any scope can be read.
+    `scope` is the session id: what is put here is removed by `drop()` when the session
+    ends, unless the runner put it with `keep=True`. Refs of this session and kept Refs can
+    be read. A store from `open` is a peer's; one from `provision` is the runner's (admin),
+    the only one that may keep, delete and drop.
     """
 
     def __init__(
         self,
         nc: NATS,
-        kv: KeyValue,
         *,
         scope: str,
         chunk_size: int = DEFAULT_CHUNK,
         timeout: float = DEFAULT_TIMEOUT,
+        read_limit: int = DEFAULT_READ_LIMIT,
+        admin: bool = False,
     ) -> None:
         self.nc = nc
         self.js = nc.jetstream(timeout=timeout)
-        self.kv = kv
         self.scope = subjects.check_name(scope, "scope")
         self.chunk_size = chunk_size
         self.timeout = timeout
+        self.read_limit = read_limit
+        self.admin = admin
+        self.bucket = kv_bucket(scope)
         self._log = _log.bind(scope=scope)
 
     @classmethod
@@ -224,28 +302,56 @@ class Store:
         scope: str,
         chunk_size: int | None = None,
         timeout: float = DEFAULT_TIMEOUT,
+        read_limit: int = DEFAULT_READ_LIMIT,
     ) -> Store:
-        """Create the stream and KV bucket if missing (idempotent, safe from many peers)."""
-        subjects.check_name(scope, "scope")
-        limit = nc.max_payload - 4096  # room for the record's headers
-        chunk = min(chunk_size or DEFAULT_CHUNK, limit)
-        if chunk < 1:
-            raise StoreError(f"the server's max_payload ({nc.max_payload}) is too small")
+        """Open a session's store as a peer: creates nothing, uses only data-plane subjects.
+        Raises `NotProvisioned` if the runner has not created it."""
+        store = cls(
+            nc, scope=scope, chunk_size=_chunk(nc, chunk_size), timeout=timeout,
+            read_limit=read_limit,
+        )  # fmt: skip
+        await store._probe()
+        return store
+
+    @classmethod
+    async def provision(
+        cls,
+        nc: NATS,
+        *,
+        scope: str,
+        replicas: int | None = None,
+        chunk_size: int | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        read_limit: int = DEFAULT_READ_LIMIT,
+    ) -> Store:
+        """Create the session's stream and bucket and the kept-values stream (idempotent),
+        with `replicas` copies (default: `default_replicas`); the runner's (admin) call."""
+        replicas = replicas or default_replicas(nc)
         js = nc.jetstream(timeout=timeout)
         try:
-            await _ensure_stream(js)
-            kv = await _ensure_kv(js)
-        except nats.errors.Error as e:
+            with anyio.fail_after(timeout):
+                await _ensure_stream(js, stream_name(scope), _location(scope), replicas)
+                await _ensure_stream(js, KEPT_STREAM, _location(""), replicas)
+                await _ensure_stream(js, f"KV_{kv_bucket(scope)}", "", replicas)
+        except (nats.errors.Error, TimeoutError) as e:
             raise StoreError(
-                f"cannot open the store on this NATS server: {e or type(e).__name__}; "
-                "the server needs JetStream enabled (`council run` starts one that has it)"
+                f"cannot create the store of session {scope!r} with {replicas} replica(s): "
+                f"{e or type(e).__name__}; the server needs JetStream enabled (`council run` "
+                "starts one that has it), and a cluster of at least that many servers"
             ) from e
-        return cls(nc, kv, scope=scope, chunk_size=chunk, timeout=timeout)
+        _log.info("store.provisioned", scope=scope, replicas=replicas)
+        return cls(
+            nc, scope=scope, chunk_size=_chunk(nc, chunk_size), timeout=timeout,
+            read_limit=read_limit, admin=True,
+        )  # fmt: skip
 
     # -- values ----------------------------------------------------------------------------
 
     async def put(self, value: Any, *, keep: bool = False) -> Ref:
-        """Store a value once (by content) and return its Ref; `keep` outlives the session."""
+        """Store a value once (by content) and return its Ref; `keep` (runner only) makes
+        it outlive the session."""
+        if keep:
+            self._require_admin("keep a value beyond the session")
         kind, data = encode_value(value)
         hexd = await _digest(data)
         scope = "" if keep else self.scope
@@ -265,53 +371,62 @@ class Store:
         await self._upload(scope, hexd, kind, data, ref.preview)
         return ref
 
-    async def get(self, ref: Ref) -> Any:
-        """The value, decoded per `ref.kind`; raises `NotFound` or `IntegrityError`."""
-        data = await self._read(ref)
+    async def get(self, ref: Ref, *, limit: int | None = None) -> Any:
+        """The value, decoded per `ref.kind`; raises `NotFound`, `IntegrityError`, `TooLarge`
+        (bigger than `limit`, default the store's `read_limit`) or `StoreUnavailable`."""
+        data = await self._read(ref, limit)
         if ref.kind == "bytes" and not isinstance(data, bytes):
             data = bytes(data)
         return decode_value(ref.kind, data)  # text and JSON decode straight from the buffer
 
-    async def read_bytes(self, ref: Ref) -> bytes:
-        data = await self._read(ref)
+    async def read_bytes(self, ref: Ref, *, limit: int | None = None) -> bytes:
+        data = await self._read(ref, limit)
         return data if isinstance(data, bytes) else bytes(data)
 
-    async def _read(self, ref: Ref) -> bytes | bytearray:
-        """The value's checked bytes: chunks are copied into one preallocated buffer as they
-        arrive (so their memory is reused for the next ones), and hashed as they land --
+    async def _read(self, ref: Ref, limit: int | None) -> bytes | bytearray:
+        """The value's checked bytes: chunks are copied into one buffer (its size taken from
+        the record, within the limit) as they arrive, and hashed in order as they land --
         in a thread, window by window, for a big value."""
-        scope, record, meta = await self._locate(ref)
+        scope, record, meta = await self._locate(ref, limit)
         hasher = hashlib.sha256()
         if not meta.chunks:
-            async for part in self._chunks(scope, ref.hex, record, meta):
+            async for _, part in self._parts(scope, ref.hex, record, meta):
                 data: bytes | bytearray = part
             hasher.update(data)
         else:
             data = bytearray(meta.size)
             view = memoryview(data)
-            off = 0
-            if meta.size < THREAD_HASH_BYTES:
-                async for part in self._chunks(scope, ref.hex, record, meta):
-                    off = _place(view, off, part, ref)
-                hasher.update(view)
-            else:
-                send, receive = anyio.create_memory_object_stream[memoryview](max_buffer_size=inf)
+            have = bytearray(meta.chunks)
+            done = hashed = 0  # chunks in place from the start; bytes hashed
+            big = meta.size >= THREAD_HASH_BYTES
+            send, receive = anyio.create_memory_object_stream[memoryview](max_buffer_size=inf)
 
-                async def hash_windows() -> None:
-                    async with receive:
-                        async for window in receive:
-                            await anyio.to_thread.run_sync(hasher.update, window)
+            async def hash_windows() -> None:
+                async with receive:
+                    async for window in receive:
+                        await anyio.to_thread.run_sync(hasher.update, window)
 
+            try:
                 async with anyio.create_task_group() as tg:
-                    tg.start_soon(hash_windows)
+                    if big:
+                        tg.start_soon(hash_windows)
                     async with send:
-                        hashed = 0
-                        async for part in self._chunks(scope, ref.hex, record, meta):
-                            off = _place(view, off, part, ref)
-                            if off - hashed >= WINDOW_BYTES:
-                                send.send_nowait(view[hashed:off])
-                                hashed = off
-                        send.send_nowait(view[hashed:off])
+                        async for i, part in self._parts(scope, ref.hex, record, meta):
+                            off = i * meta.chunk
+                            view[off : off + len(part)] = part
+                            have[i] = 1
+                            while done < meta.chunks and have[done]:
+                                done += 1
+                            end = min(done * meta.chunk, meta.size)
+                            if big and end - hashed >= WINDOW_BYTES:
+                                send.send_nowait(view[hashed:end])
+                                hashed = end
+                        if big:
+                            send.send_nowait(view[hashed:])
+            except BaseExceptionGroup as group:  # one typed error, never a group
+                raise _single(group) from None
+            if not big:
+                hasher.update(view)
             view.release()
         hexd = hasher.hexdigest()
         if hexd != ref.hex:
@@ -322,71 +437,83 @@ class Store:
         return data
 
     async def stream(self, ref: Ref) -> AsyncIterator[bytes]:
-        """The value's bytes chunk by chunk, each checked before it is yielded.
+        """The value's bytes chunk by chunk, in order, each checked before it is yielded.
 
         Memory stays at about one read window whatever the size. The whole-value digest is
         checked at the end too (a record rewritten with matching fake chunks fails there).
         """
-        scope, record, meta = await self._locate(ref)
+        scope, record, meta = await self._locate(ref, inf)
         digests = record.data if meta.chunks else b""
         if meta.chunks and len(digests) != 32 * meta.chunks:
             raise IntegrityError(f"{ref!r}: its record lists the wrong number of chunk digests")
         hasher = hashlib.sha256()
+        early: dict[int, bytes] = {}  # chunks that came before their turn (after a retry)
         i = 0
-        async for part in self._chunks(scope, ref.hex, record, meta):
+        async for at, part in self._parts(scope, ref.hex, record, meta):
             if meta.chunks:
-                if hashlib.sha256(part).digest() != digests[32 * i : 32 * i + 32]:
-                    raise IntegrityError(f"{ref!r}: chunk {i} is corrupted")
-                hasher.update(part)
+                if hashlib.sha256(part).digest() != digests[32 * at : 32 * at + 32]:
+                    raise IntegrityError(f"{ref!r}: chunk {at} is corrupted")
             elif _sha256_hex(part) != ref.hex:
                 raise IntegrityError(f"{ref!r} is corrupted")
-            else:
+            early[at] = part
+            while i in early:
+                part = early.pop(i)
                 hasher.update(part)
-            i += 1
-            yield part
+                i += 1
+                yield part
         if hasher.hexdigest() != ref.hex:
             raise IntegrityError(f"{ref!r} is corrupted (whole-value digest differs)")
 
     async def exists(self, ref: Ref) -> bool:
         try:
-            await self._locate(ref)
+            await self._locate(ref, inf)
         except NotFound:
             return False
         return True
 
     async def delete(self, ref: Ref) -> None:
-        """Remove the value from the scope the Ref names (a no-op if it is not there)."""
-        await self._purge(f"{_location(ref.scope)}.{ref.hex}.>")
+        """Remove the value from the scope the Ref names (runner only; a no-op if absent)."""
+        self._require_admin("delete a value")
+        await self._purge(ref.scope, f"{_location(ref.scope)}.{ref.hex}.>")
 
     async def drop(self) -> None:
-        """Remove everything this scope put (values and named variables), except kept values."""
-        await self._purge(f"{_location(self.scope)}.>")
-        try:
-            await self.js.purge_stream(KV_STREAM, subject=f"$KV.{KV_BUCKET}.{self.scope}.>")
-        except nats.errors.Error as e:
-            raise StoreError(f"could not drop the variables of scope {self.scope!r}: {e}") from e
+        """Delete the session's stream and bucket (runner only); kept values stay."""
+        self._require_admin("drop a session's store")
+        for name in (stream_name(self.scope), f"KV_{self.bucket}"):
+            try:
+                await self.js.delete_stream(name)
+            except nats.js.errors.NotFoundError:
+                pass
+            except nats.errors.Error as e:
+                raise StoreError(f"could not delete the store of {self.scope!r}: {e}") from e
         self._log.info("store.dropped")
 
-    # -- named variables -------------------------------------------------------------------
+    def _require_admin(self, what: str) -> None:
+        if not self.admin:
+            raise StoreForbidden(
+                f"only the runner may {what}; a peer's store (Store.open) reads and writes its "
+                "own session's values and variables"
+            )
+
+    # -- named variables (per-session KV bucket, compare-and-set) ---------------------------
 
     async def bind(self, name: str, value: Any) -> int:
-        """Set `name` (in this scope) to a value or Ref; returns the new revision."""
+        """Set `name` (in this session) to a value or Ref; returns the new revision."""
         data = await self._var_encode(value)
-        try:
-            return await self.kv.put(self._key(name), data)
-        except nats.errors.Error as e:
-            raise StoreError(f"could not bind {name!r}: {e}") from e
+        revision = await self._kv_write(_check_var(name), data, last=None)
+        assert revision is not None
+        return revision
 
     async def lookup(self, name: str, default: Any = MISSING) -> Any:
-        entry = await self._var_entry(name)
-        if entry is None:
+        data, _ = await self._kv_read(_check_var(name))
+        if data is None:
             if default is MISSING:
                 raise NotFound(
                     f"no variable {name!r} in scope {self.scope!r}; bind it first, or pass "
                     "a default to lookup()"
                 )
             return default
-        return await self._var_decode(entry.value)
+        return await self._var_decode(data)
 
     async def update(
         self, name: str, fn: Callable[[Any], Any | Awaitable[Any]], *, default: Any = None
@@ -394,38 +521,49 @@ class Store:
         """Compare-and-set loop: `fn(old)` (old is `default` when unbound) becomes the value
         only if nobody changed it meanwhile, else `fn` runs again on the newer value. Keep
         `fn` free of side effects for that reason. Returns the value written."""
-        key = self._key(name)
+        key = _check_var(name)
         attempt = 0
         while True:
-            entry = await self._var_entry(name)
-            old = default if entry is None else await self._var_decode(entry.value)
+            data, revision = await self._kv_read(key)
+            old = default if data is None else await self._var_decode(data)
             new = fn(old)
             if isawaitable(new):
                 new = await new
-            data = await self._var_encode(new)
-            try:
-                if entry is None:
-                    await self.kv.create(key, data)
-                else:
-                    await self.kv.update(key, data, last=entry.revision)
+            if await self._kv_write(key, await self._var_encode(new), last=revision) is not None:
                 return new
-            except nats.js.errors.KeyWrongLastSequenceError:
-                attempt += 1
-                # back off a little so many writers converge instead of all retrying at once
-                await anyio.sleep(random.random() * min(0.0005 * attempt, 0.02))
-            except nats.errors.Error as e:
-                raise StoreError(f"could not update {name!r}: {e}") from e
+            attempt += 1
+            # back off a little so many writers converge instead of all retrying at once
+            await anyio.sleep(random.random() * min(0.0005 * attempt, 0.02))
 
-    def _key(self, name: str) -> str:
-        return f"{self.scope}.{_check_var(name)}"
+    async def _kv_read(self, key: str) -> tuple[bytes | None, int]:
+        """(value or None when unbound or deleted, the revision to compare against)."""
+        stream = f"KV_{self.bucket}"
+        msg = await self._request(
+            f"$JS.API.DIRECT.GET.{stream}.$KV.{self.bucket}.{key}", b"", what=f"read {key!r}"
+        )
+        headers = msg.headers or {}
+        status = headers.get("Status")
+        if status == "404":
+            return None, 0
+        if status:
+            raise StoreError(f"could not read {key!r}: the store answered status {status}")
+        revision = int(headers.get("Nats-Sequence", 0))
+        if headers.get("KV-Operation") in ("DEL", "PURGE"):
+            return None, revision
+        return msg.data, revision
 
-    async def _var_entry(self, name: str) -> Any:
-        try:
-            return await self.kv.get(self._key(name))
-        except nats.js.errors.KeyNotFoundError:  # also a deleted key
+    async def _kv_write(self, key: str, data: bytes, *, last: int | None) -> int | None:
+        """Write a variable; with `last`, only if its revision is still `last` (None: it
+        moved on). The message id makes a write re-sent after a lost ack count once."""
+        headers = {"Nats-Msg-Id": uuid.uuid4().hex}
+        if last is not None:
+            headers["Nats-Expected-Last-Subject-Sequence"] = str(last)
+        ack = await self._ack(
+            await self._request(f"$KV.{self.bucket}.{key}", data, headers, what=f"write {key!r}")
+        )
+        if ack is None:
             return None
-        except nats.errors.Error as e:
-            raise StoreError(f"could not read {name!r}: {e}") from e
+        return int(ack["seq"])
 
     async def _var_encode(self, value: Any) -> bytes:
         if not isinstance(value, bytes | bytearray | memoryview):
@@ -441,26 +579,85 @@ class Store:
     async def _var_decode(self, data: bytes) -> Any:
         try:
             envelope = json.loads(data, object_hook=_json_hook)
-        except ValueError as e:
+            if "r" in envelope:  # put in the store by bind(): give back the value
+                return await self.get(Ref.model_validate(envelope["r"]))
+            return envelope["v"]
+        except (ValueError, TypeError, KeyError) as e:
             raise IntegrityError(f"a named variable holds unreadable data: {e}") from None
-        if "r" in envelope:  # put in the store by bind(): give back the value
-            return await self.get(Ref.model_validate(envelope["r"]))
-        return envelope["v"]
+
+    # -- requests, with retries ------------------------------------------------------------
+
+    async def _probe(self) -> None:
+        """One direct get on the session's stream: absent (no responder) means never
+        provisioned, or a server still starting; give the latter a few seconds."""
+        subject = f"$JS.API.DIRECT.GET.{stream_name(self.scope)}.{_location(self.scope)}._"
+        end = time.monotonic() + min(self.timeout, OPEN_GRACE)
+        while True:
+            try:
+                await self.nc.request(subject, b"", timeout=max(0.1, end - time.monotonic()))
+                return
+            except nats.errors.NoRespondersError:
+                if time.monotonic() >= end:
+                    break
+                await anyio.sleep(0.1)
+            except nats.errors.TimeoutError:
+                break
+            except nats.errors.Error as e:
+                raise StoreUnavailable(f"cannot reach the store: {e or type(e).__name__}") from e
+        raise NotProvisioned(
+            f"the store of session {self.scope!r} does not answer: the runner creates it "
+            "(a Session does; or `await Store.provision(nc, scope=...)` on an admin "
+            "connection), or the NATS server is still starting (retry)"
+        )
+
+    async def _request(
+        self, subject: str, payload: bytes, headers: dict[str, str] | None = None, *, what: str
+    ) -> Msg:
+        """A request re-sent while the store does not answer (restart, leader election),
+        until `timeout`; then one `StoreUnavailable`."""
+        end = time.monotonic() + self.timeout
+        while True:
+            left = end - time.monotonic()
+            try:
+                return await self.nc.request(
+                    subject, payload, timeout=max(0.05, min(RETRY_AFTER, left)), headers=headers
+                )
+            except _TRANSIENT as e:
+                reason = type(e).__name__
+                if isinstance(e, nats.errors.TimeoutError):
+                    pass  # the request itself waited
+                else:
+                    await anyio.sleep(min(0.1, max(0.0, left)))
+            except nats.errors.Error as e:  # connection closed or draining: final
+                raise StoreUnavailable(
+                    f"could not {what}: the NATS connection is gone ({e or type(e).__name__})"
+                ) from e
+            if time.monotonic() >= end:
+                raise StoreUnavailable(
+                    f"could not {what}: the store did not answer within {self.timeout}s "
+                    f"(last: {reason}); the NATS server may be restarting or electing a "
+                    "stream leader: nothing was lost, retry when it is back"
+                )
+
+    async def _ack(self, msg: Msg) -> dict[str, Any] | None:
+        """A JetStream publish ack; None when an expected-sequence check failed."""
+        try:
+            ack = json.loads(msg.data)
+        except ValueError:
+            raise StoreError(f"the store sent an unreadable ack: {msg.data[:200]!r}") from None
+        error = ack.get("error")
+        if error is None:
+            return ack
+        if error.get("err_code") in _WRONG_LAST_SEQUENCE:
+            return None
+        raise StoreError(f"the store refused a write: {error.get('description', error)}")
 
     # -- records and chunks ----------------------------------------------------------------
 
     async def _record(self, scope: str, hexd: str) -> Msg | None:
         """The record message of a value in one scope, or None."""
-        subject = f"$JS.API.DIRECT.GET.{STREAM}.{_location(scope)}.{hexd}.m"
-        try:
-            msg = await self.nc.request(subject, b"", timeout=self.timeout)
-        except nats.errors.NoRespondersError:
-            raise StoreError(
-                f"stream {STREAM} does not answer direct gets; was it created by another "
-                "tool? delete it and let Store.open create it"
-            ) from None
-        except nats.errors.TimeoutError:
-            raise StoreError(f"the store did not answer within {self.timeout}s") from None
+        subject = f"$JS.API.DIRECT.GET.{stream_name(scope)}.{_location(scope)}.{hexd}.m"
+        msg = await self._request(subject, b"", what=f"read value sha256:{hexd[:16]}...")
         status = msg.headers.get("Status") if msg.headers else None
         if status == "404":
             return None
@@ -468,8 +665,15 @@ class Store:
             raise StoreError(f"the store answered a read with status {status}: {msg.headers}")
         return msg
 
-    async def _locate(self, ref: Ref) -> tuple[str, Msg, _Meta]:
-        for scope in dict.fromkeys((ref.scope, self.scope, "")):
+    async def _locate(self, ref: Ref, limit: float | None) -> tuple[str, Msg, _Meta]:
+        """Where a value is and what its record says, checked against the Ref and the
+        reader's limit before anything is read."""
+        limit = self.read_limit if limit is None else limit
+        if ref.size > limit:
+            raise TooLarge(_too_large(ref, ref.size, limit))
+        for scope in dict.fromkeys((ref.scope, "")):
+            if scope not in (self.scope, ""):
+                continue  # another session's value: not reachable from here
             record = await self._record(scope, ref.hex)
             if record is None:
                 continue
@@ -482,28 +686,37 @@ class Store:
                     f"{ref!r}: the store holds {meta.size} bytes under this digest, "
                     f"the Ref says {ref.size}"
                 )
+            if meta.chunks and (
+                meta.chunk < 1
+                or meta.chunk > self.nc.max_payload
+                or meta.chunks != -(-meta.size // meta.chunk)
+            ):
+                raise IntegrityError(f"{ref!r}: its record describes impossible chunks")
             return scope, record, meta
         where = f"scope {ref.scope!r}" if ref.scope else "the kept values"
+        if ref.scope not in (self.scope, ""):
+            where += f", another session than {self.scope!r}"
         raise NotFound(
             f"{ref!r} is not in {where} (nor in {self.scope!r}): it was deleted, its "
             "session ended, or it was put on another server"
         )
 
-    async def _chunks(
+    async def _parts(
         self, scope: str, hexd: str, record: Msg, meta: _Meta
-    ) -> AsyncIterator[bytes]:
-        """The stored parts in order, checked for shape (count, order, size), not content."""
+    ) -> AsyncIterator[tuple[int, bytes]]:
+        """(index, chunk) for every stored chunk, each once, checked for shape (index,
+        sequence, size), not content. Mostly in order; after a retry, in any order."""
         if not meta.chunks:
             if len(record.data) != meta.size:
                 raise IntegrityError(
                     f"value sha256:{hexd[:16]}... is truncated: {len(record.data)} of "
                     f"{meta.size} bytes"
                 )
-            yield record.data
+            yield 0, record.data
             return
-        subject = f"{_location(scope)}.{hexd}.d.{meta.upload}"
-        api = f"$JS.API.DIRECT.GET.{STREAM}"
-        window = min(MAX_BATCH, max(1, WINDOW_BYTES // max(1, meta.size // meta.chunks)))
+        prefix = f"{_location(scope)}.{hexd}.d.{meta.upload}."
+        api = f"$JS.API.DIRECT.GET.{stream_name(scope)}"
+        window = min(MAX_BATCH, max(1, WINDOW_BYTES // meta.chunk))
         inbox = self.nc.new_inbox()
         box: deque[Msg] = deque()
         wake = anyio.Event()
@@ -513,46 +726,85 @@ class Store:
             wake.set()
 
         sub = await self.nc.subscribe(
-            inbox, cb=on_msg, pending_msgs_limit=4 * window + 16, pending_bytes_limit=0
+            f"{inbox}.*", cb=on_msg, pending_msgs_limit=8 * window + 16, pending_bytes_limit=0
         )
-        got = total = 0
+        have = bytearray(meta.chunks)
+        got = total = attempt = in_window = 0
         next_seq = meta.first
+        ask = True
+        moved = time.monotonic()
         try:
             while got < meta.chunks:
-                want = min(window, meta.chunks - got)
-                request = {"seq": next_seq, "next_by_subj": subject, "batch": want}
-                await self.nc.publish(api, json.dumps(request).encode(), reply=inbox)
-                in_window = 0
-                while True:
-                    if not box:
-                        with anyio.move_on_after(self.timeout):
-                            await wake.wait()
-                        if not box:
-                            raise StoreError(
-                                f"the store sent no chunk of sha256:{hexd[:16]}... "
-                                f"within {self.timeout}s"
-                            )
-                        wake = anyio.Event()
-                    msg = box.popleft()
-                    headers = msg.headers or {}
-                    status = headers.get("Status")
-                    if status in ("204", "404"):  # end of this batch / nothing (more) there
-                        break
-                    if status:
-                        raise StoreError(f"the store answered a chunk read with status {status}")
-                    seq = int(headers.get("Nats-Sequence", 0))
-                    if seq > meta.last or got >= meta.chunks:
-                        raise IntegrityError(
-                            f"value sha256:{hexd[:16]}... is corrupted: a chunk was replaced "
-                            f"(sequence {seq} is after its last chunk {meta.last})"
+                if ask:
+                    attempt += 1
+                    in_window = 0
+                    want = min(window, meta.chunks - got)
+                    request = {"seq": next_seq, "next_by_subj": prefix + "*", "batch": want}
+                    try:
+                        await self.nc.publish(
+                            api, json.dumps(request).encode(), reply=f"{inbox}.{attempt}"
                         )
-                    next_seq = seq + 1
-                    got += 1
-                    in_window += 1
-                    total += len(msg.data)
-                    yield msg.data
-                if in_window == 0:
-                    break
+                    except _TRANSIENT:
+                        pass  # disconnected with a full buffer: ask again below
+                    except nats.errors.Error as e:
+                        raise StoreUnavailable(f"the NATS connection is gone: {e}") from e
+                    ask = False
+                if not box:
+                    with anyio.move_on_after(RETRY_AFTER):
+                        await wake.wait()
+                    wake = anyio.Event()
+                    if not box:
+                        if time.monotonic() - moved > self.timeout:
+                            raise StoreUnavailable(
+                                f"the store sent no chunk of sha256:{hexd[:16]}... within "
+                                f"{self.timeout}s ({got} of {meta.chunks} read); the NATS "
+                                "server may be restarting: nothing was lost, retry"
+                            )
+                        ask = True  # a stall (restart, lost reply): ask from where we are
+                        continue
+                msg = box.popleft()
+                current = msg.subject.endswith(f".{attempt}")
+                headers = msg.headers or {}
+                status = headers.get("Status")
+                if status:
+                    if not current:
+                        continue
+                    if status in ("204", "404") and in_window:  # end of this batch
+                        ask = True
+                    elif status in ("204", "404"):
+                        break  # nothing more is stored: truncated, said below
+                    elif status in ("408", "503"):  # no stream leader yet, server starting
+                        await anyio.sleep(0.2)
+                        ask = True
+                    else:
+                        raise StoreError(f"the store answered a chunk read with status {status}")
+                    continue
+                seq = int(headers.get("Nats-Sequence", 0))
+                subject = headers.get("Nats-Subject", "")
+                if seq > meta.last or not subject.startswith(prefix):
+                    raise IntegrityError(
+                        f"value sha256:{hexd[:16]}... is corrupted: a chunk was replaced "
+                        f"(sequence {seq} is after its last chunk {meta.last})"
+                    )
+                try:
+                    i = int(subject[len(prefix) :])
+                except ValueError:
+                    i = -1
+                expect = min(meta.chunk, meta.size - i * meta.chunk)
+                if not 0 <= i < meta.chunks or len(msg.data) != expect:
+                    raise IntegrityError(
+                        f"value sha256:{hexd[:16]}... is corrupted: a chunk of the wrong "
+                        f"index or size ({subject[len(prefix) :]!r}, {len(msg.data)} bytes)"
+                    )
+                next_seq = max(next_seq, seq + 1)
+                moved = time.monotonic()
+                in_window += current
+                if have[i]:
+                    continue  # asked twice after a retry
+                have[i] = 1
+                got += 1
+                total += len(msg.data)
+                yield i, msg.data
         finally:
             await unsubscribe([sub])
         if got != meta.chunks or total != meta.size:
@@ -570,151 +822,214 @@ class Store:
             await self._commit(scope, hexd, meta, data)
             return
         upload = uuid.uuid4().hex[:16]
-        subject = f"{_location(scope)}.{hexd}.d.{upload}"
+        prefix = f"{_location(scope)}.{hexd}.d.{upload}."
         try:
             digests = bytearray()
-            async with anyio.create_task_group() as tg:
-                if size >= THREAD_HASH_BYTES:  # chunk digests in a thread while chunks go out
+            try:
+                async with anyio.create_task_group() as tg:
+                    if size >= THREAD_HASH_BYTES:  # chunk digests in a thread meanwhile
 
-                    async def hash_chunks() -> None:
-                        digests[:] = await anyio.to_thread.run_sync(
-                            _chunk_digests, data, self.chunk_size
-                        )
+                        async def hash_chunks() -> None:
+                            digests[:] = await anyio.to_thread.run_sync(
+                                _chunk_digests, data, self.chunk_size
+                            )
 
-                    tg.start_soon(hash_chunks)
-                else:
-                    digests[:] = _chunk_digests(data, self.chunk_size)
-                first, last = await self._publish_chunks(subject, data)
+                        tg.start_soon(hash_chunks)
+                    else:
+                        digests[:] = _chunk_digests(data, self.chunk_size)
+                    first, last = await self._publish_chunks(prefix, upload, data)
+            except BaseExceptionGroup as group:  # one typed error, never a group
+                raise _single(group) from None
             meta = _Meta(
                 size=size,
                 kind=kind,
                 chunks=len(digests) // 32,
+                chunk=self.chunk_size,
                 first=first,
                 last=last,
                 upload=upload,
                 preview=preview,
             )
             if not await self._commit(scope, hexd, meta, bytes(digests)):
-                await self._purge(subject)  # someone else stored it first: theirs stands
+                await self._orphans(scope, prefix)  # someone else stored it first: theirs stands
         except BaseException:
-            with anyio.CancelScope(shield=True):
-                try:
-                    await self._purge(subject)
-                except Exception as e:
-                    self._log.warning("store.orphan_chunks", subject=subject, error=str(e))
+            await self._orphans(scope, prefix)
             raise
 
-    async def _publish_chunks(self, subject: str, data: bytes) -> tuple[int, int]:
-        """Publish every chunk with a reply inbox; acks come back while later chunks go out."""
+    async def _orphans(self, scope: str, prefix: str) -> None:
+        """Chunks no record points to: the runner removes them; a peer may not purge, so
+        they wait for the session's drop."""
+        if not self.admin:
+            self._log.debug("store.orphan_chunks", subject=prefix + "*")
+            return
+        with anyio.CancelScope(shield=True):
+            try:
+                with anyio.fail_after(self.timeout):
+                    await self._purge(scope, prefix + "*")
+            except Exception as e:
+                self._log.warning("store.orphan_chunks", subject=prefix + "*", error=str(e))
+
+    async def _publish_chunks(self, prefix: str, upload: str, data: bytes) -> tuple[int, int]:
+        """Publish every chunk with a reply subject naming its index; acks come back while
+        later chunks go out. What is not acknowledged within `RETRY_AFTER` is sent again
+        (the stream drops duplicates by message id), until `timeout` without progress."""
         view = memoryview(data)
         chunk = self.chunk_size
         n = -(-len(data) // chunk)
         max_out = max(1, INFLIGHT_BYTES // chunk)
-        acked = 0
-        first = last = 0
+        seqs: dict[int, int] = {}  # index -> stream sequence, once acknowledged
         errors: list[str] = []
         wake = anyio.Event()
 
         async def on_ack(msg: Msg) -> None:
-            nonlocal acked, first, last
-            acked += 1
+            try:
+                i = int(msg.subject.rsplit(".", 1)[1])
+            except ValueError:
+                return
+            if msg.headers and msg.headers.get("Status"):
+                return  # 503: no stream answered (restart, election); sent again later
             try:
                 ack = json.loads(msg.data)
-                seq = int(ack["seq"])
-            except (ValueError, KeyError, TypeError):
+            except ValueError:
                 errors.append(msg.data[:200].decode(errors="replace"))
             else:
-                first = seq if not first else min(first, seq)
-                last = max(last, seq)
+                if "error" in ack:
+                    errors.append(str(ack["error"].get("description", ack["error"])))
+                elif "seq" in ack:
+                    seqs.setdefault(i, int(ack["seq"]))
             wake.set()
 
         inbox = self.nc.new_inbox()
-        sub = await self.nc.subscribe(inbox, cb=on_ack, pending_msgs_limit=max_out + 16)
+        sub = await self.nc.subscribe(f"{inbox}.*", cb=on_ack, pending_msgs_limit=2 * max_out + 16)
+        sent = 0  # chunks 0 .. sent-1 went out at least once
+        moved = time.monotonic()
+        acked = 0
 
-        async def until(cond: Callable[[], bool]) -> None:
-            nonlocal wake
-            while not cond():
-                with anyio.move_on_after(self.timeout) as scope:
-                    await wake.wait()
-                if scope.cancelled_caught and not cond():
-                    raise StoreError(f"the store did not acknowledge chunks within {self.timeout}s")
-                wake = anyio.Event()
+        async def send(i: int) -> bool:
+            piece = view[i * chunk : (i + 1) * chunk]
+            try:
+                await self.nc.publish(
+                    prefix + str(i),
+                    piece,
+                    reply=f"{inbox}.{i}",
+                    headers={"Nats-Msg-Id": f"{upload}.{i}"},
+                )
+            except _TRANSIENT:
+                return False  # disconnected and the buffer is full: later
+            except nats.errors.Error as e:
+                raise StoreUnavailable(f"the NATS connection is gone: {e}") from e
+            return True
 
         try:
-            for i in range(n):
-                piece = view[i * chunk : (i + 1) * chunk]
-                if i - acked >= max_out:
-                    await until(lambda i=i: i - acked < max_out or bool(errors))
+            while len(seqs) < n:
+                while sent < n and sent - len(seqs) < max_out and await send(sent):
+                    sent += 1
                 if errors:
-                    break
-                await self.nc.publish(subject, piece, reply=inbox)
-            await until(lambda: acked >= n or bool(errors))
+                    raise StoreError(f"the store refused a chunk: {errors[0]}")
+                with anyio.move_on_after(RETRY_AFTER):
+                    await wake.wait()
+                wake = anyio.Event()
+                if errors:
+                    raise StoreError(f"the store refused a chunk: {errors[0]}")
+                if len(seqs) > acked:
+                    acked, moved = len(seqs), time.monotonic()
+                elif time.monotonic() - moved > self.timeout:
+                    raise StoreUnavailable(
+                        f"the store acknowledged {len(seqs)} of {n} chunks and then nothing "
+                        f"for {self.timeout}s; the NATS server may be restarting: retry"
+                    )
+                elif time.monotonic() - moved > RETRY_AFTER:  # a stall: send the rest again
+                    for i in range(sent):
+                        if i not in seqs and not await send(i):
+                            break
         finally:
             await unsubscribe([sub])
-        if errors:
-            raise StoreError(f"the store refused a chunk: {errors[0]}")
-        return first, last
+        return min(seqs.values()), max(seqs.values())
 
     async def _commit(self, scope: str, hexd: str, meta: _Meta, payload: bytes) -> bool:
-        """Write the record unless one exists; False when another writer got there first."""
+        """Write the record unless one exists; False when another writer got there first
+        (or a re-sent commit of this one: the value is there either way)."""
         subject = f"{_location(scope)}.{hexd}.m"
         headers = {META_HEADER: meta.model_dump_json(), "Nats-Expected-Last-Subject-Sequence": "0"}
-        try:
-            msg = await self.nc.request(subject, payload, timeout=self.timeout, headers=headers)
-        except nats.errors.NoRespondersError:
-            raise StoreError(
-                f"no stream takes {subject}; open the store with Store.open first"
-            ) from None
-        except nats.errors.TimeoutError:
-            raise StoreError(
-                f"the store did not acknowledge a write within {self.timeout}s"
-            ) from None
-        ack = json.loads(msg.data)
-        error = ack.get("error")
-        if error is None:
-            return True
-        if error.get("err_code") in _WRONG_LAST_SEQUENCE:
-            return False
-        raise StoreError(f"the store refused to record a value: {error.get('description', error)}")
+        msg = await self._request(subject, payload, headers, what="record a value")
+        if msg.headers and msg.headers.get("Status"):
+            raise StoreError(f"the store answered a write with status {msg.headers['Status']}")
+        return await self._ack(msg) is not None
 
-    async def _purge(self, subject_filter: str) -> None:
+    async def _purge(self, scope: str, subject_filter: str) -> None:
         try:
-            await self.js.purge_stream(STREAM, subject=subject_filter)
+            await self.js.purge_stream(stream_name(scope), subject=subject_filter)
         except nats.errors.Error as e:
             raise StoreError(f"could not remove {subject_filter}: {e}") from e
 
 
-def _location(scope: str) -> str:
-    return f"{PREFIX}.s.{scope}" if scope else f"{PREFIX}.k"
+def _chunk(nc: NATS, chunk_size: int | None) -> int:
+    limit = nc.max_payload - 4096  # room for the record's headers
+    chunk = min(chunk_size or DEFAULT_CHUNK, limit)
+    if chunk < 1:
+        raise StoreError(f"the server's max_payload ({nc.max_payload}) is too small")
+    return chunk
 
 
-async def _ensure_stream(js: Any) -> None:
+def _too_large(ref: Ref, size: int, limit: float) -> str:
+    return (
+        f"{ref!r} is {size} bytes, over this reader's limit of {int(limit)}; read it with "
+        "`stream()` chunk by chunk, or pass a bigger `limit` if it is expected"
+    )
+
+
+def _single(group: BaseExceptionGroup) -> BaseException:
+    """The one error a task group stands for: a store error first, else the first."""
+    leaves: list[BaseException] = []
+
+    def walk(e: BaseException) -> None:
+        if isinstance(e, BaseExceptionGroup):
+            for inner in e.exceptions:
+                walk(inner)
+        else:
+            leaves.append(e)
+
+    walk(group)
+    for e in leaves:
+        if isinstance(e, StoreError):
+            return e
+    first = leaves[0] if leaves else group
+    if isinstance(first, Exception) and not isinstance(first, StoreError):
+        err = StoreUnavailable(f"a store transfer failed: {first or type(first).__name__}")
+        err.__cause__ = first
+        return err
+    return first
+
+
+async def _ensure_stream(js: Any, name: str, location: str, replicas: int) -> None:
+    """Create a stream (or the stream of a KV bucket when `location` is empty) unless it
+    exists; raise the replica count of an existing one if asked for more."""
     try:
-        await js.stream_info(STREAM)
-        return
+        info = await js.stream_info(name)
     except nats.js.errors.NotFoundError:
-        pass
+        info = None
+    if info is not None:
+        if info.config.num_replicas < replicas:
+            await js.update_stream(config=info.config.evolve(num_replicas=replicas))
+        return
     try:
-        await js.add_stream(
-            name=STREAM,
-            subjects=[f"{PREFIX}.>"],
-            storage=StorageType.FILE,
-            allow_direct=True,
-            description="council shared store: values by content address",
-        )
-    except nats.js.errors.BadRequestError as e:  # created by a peer meanwhile
+        if location:
+            await js.add_stream(
+                name=name,
+                subjects=[f"{location}.>"],
+                storage=StorageType.FILE,
+                allow_direct=True,
+                num_replicas=replicas,
+                description="council shared store: values by content address",
+            )
+        else:
+            await js.create_key_value(
+                bucket=name.removeprefix("KV_"),
+                history=1,
+                storage=StorageType.FILE,
+                direct=True,
+                replicas=replicas,
+            )
+    except nats.js.errors.BadRequestError as e:  # created by another runner meanwhile
         if e.err_code != 10058:  # stream name already in use
             raise
-
-
-async def _ensure_kv(js: Any) -> KeyValue:
-    try:
-        return await js.key_value(KV_BUCKET)
-    except nats.js.errors.BucketNotFoundError:
-        pass
-    try:
-        return await js.create_key_value(
-            bucket=KV_BUCKET, history=1, storage=StorageType.FILE, direct=True
-        )
-    except nats.js.errors.BadRequestError:
-        return await js.key_value(KV_BUCKET)

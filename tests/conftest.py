@@ -9,10 +9,13 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
+import nats
 import pytest
 
 from channels.bus import Bus
+from channels.cluster import NatsCluster, running_cluster
 from channels.server import NatsServer, running_server
+from channels.store import Store
 
 
 @pytest.fixture(scope="session")
@@ -44,6 +47,7 @@ async def connect(nats_server: NatsServer, session_id: str) -> AsyncIterator[Cal
     opened: list[Bus] = []
 
     async def _connect(name: str, *, url: str | None = None, session: str | None = None) -> Bus:
+        await provision_store(url or nats_server.url, session or session_id)
         bus = await Bus.connect(url or nats_server.url, session=session or session_id, name=name)
         opened.append(bus)
         return bus
@@ -73,6 +77,7 @@ async def serving(nats_url: str, session: str, *peers: Any) -> AsyncIterator[Bus
     """Serve each peer object (anything with `name` and `run(bus)`) on its own connection;
     yield a client Bus named "user"; stop and close everything afterwards."""
     buses: list[Bus] = []
+    await provision_store(nats_url, session)
     async with anyio.create_task_group() as tg:
         for peer in peers:
             bus = await Bus.connect(nats_url, session=session, name=peer.name)
@@ -86,3 +91,25 @@ async def serving(nats_url: str, session: str, *peers: Any) -> AsyncIterator[Bus
             tg.cancel_scope.cancel()
     for bus in buses:
         await bus.close()
+
+
+_provisioned: set[tuple[str, str]] = set()
+
+
+async def provision_store(url: str, session: str, replicas: int | None = None) -> None:
+    """Create a session's store as the runner does (peers' `Store.open` only opens it)."""
+    if (url, session) in _provisioned:
+        return
+    nc = await nats.connect(url)
+    try:
+        await Store.provision(nc, scope=session, replicas=replicas)
+    finally:
+        await nc.close()
+    _provisioned.add((url, session))
+
+
+@pytest.fixture
+def cluster() -> Iterator[NatsCluster]:
+    """Three routed nats-servers with JetStream on file storage; a test may kill nodes."""
+    with running_cluster(3) as c:
+        yield c

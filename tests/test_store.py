@@ -13,6 +13,7 @@ from contextlib import aclosing
 
 import anyio
 import nats
+import nats.js.errors
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -22,10 +23,11 @@ from channels.errors import (
     IntegrityError,
     InvalidName,
     NotFound,
+    NotProvisioned,
     UnsupportedValue,
 )
 from channels.messages import Call, Ref
-from channels.store import STREAM, Store, _location, _Meta
+from channels.store import Store, _location, _Meta, stream_name
 
 pytestmark = pytest.mark.anyio
 
@@ -40,7 +42,14 @@ async def nc(nats_server) -> AsyncIterator[nats.NATS]:
 
 
 @pytest.fixture
-async def store(nc, session_id) -> Store:
+async def admin(nc, session_id) -> Store:
+    """The runner's view: it created the session's store, it may keep, delete and drop."""
+    return await Store.provision(nc, scope=session_id, chunk_size=SMALL_CHUNK)
+
+
+@pytest.fixture
+async def store(admin, nc, session_id) -> Store:
+    """A peer's view of the same session's store: it only opens it."""
     return await Store.open(nc, scope=session_id, chunk_size=SMALL_CHUNK)
 
 
@@ -140,7 +149,7 @@ async def test_identical_values_are_stored_once(store, nc):
     flt = f"{_location(store.scope)}.>"
 
     async def stored() -> int:
-        info = await js.stream_info(STREAM, subjects_filter=flt)
+        info = await js.stream_info(stream_name(store.scope), subjects_filter=flt)
         return sum((info.state.subjects or {}).values())
 
     value = os.urandom(SMALL_CHUNK * 20 + 3)
@@ -151,18 +160,21 @@ async def test_identical_values_are_stored_once(store, nc):
     assert again == first and await stored() == after_first
 
 
-async def test_racing_puts_of_one_value_leave_one_copy(store, nc):
-    value = os.urandom(SMALL_CHUNK * 50)
-    refs: list[Ref] = []
-    async with anyio.create_task_group() as tg:
-        for _ in range(4):
-            tg.start_soon(_put, store, value, refs)
-    assert len(set(refs)) == 1
-    assert await store.get(refs[0]) == value
-    info = await nc.jetstream().stream_info(
-        STREAM, subjects_filter=f"{_location(store.scope)}.{refs[0].hex}.>"
-    )
-    assert sum(info.state.subjects.values()) == 50 + 1  # the losers' chunks were removed
+async def test_racing_puts_of_one_value_leave_one_copy(admin, store, nc):
+    """The runner removes a losing upload's chunks; a peer may not purge, so its losers'
+    chunks stay (unreachable: no record names them) until the session is dropped."""
+    for who, left in ((admin, 50 + 1), (store, None)):
+        value = os.urandom(SMALL_CHUNK * 50)
+        refs: list[Ref] = []
+        async with anyio.create_task_group() as tg:
+            for _ in range(4):
+                tg.start_soon(_put, who, value, refs)
+        assert len(set(refs)) == 1
+        assert await store.get(refs[0]) == value
+        info = await nc.jetstream().stream_info(
+            stream_name(store.scope), subjects_filter=f"{_location(store.scope)}.{refs[0].hex}.>"
+        )
+        assert left is None or sum(info.state.subjects.values()) == left
 
 
 async def _put(store: Store, value: object, out: list[Ref]) -> None:
@@ -178,8 +190,8 @@ async def test_replaced_chunk_is_an_integrity_error(store, nc):
     meta = await record_meta(store, ref)
     js = nc.jetstream()
     # rewrite chunk 3: delete it and publish different bytes onto the same chunk subject
-    await js.delete_msg(STREAM, meta.first + 3)
-    subject = f"{_location(store.scope)}.{ref.hex}.d.{meta.upload}"
+    await js.delete_msg(stream_name(store.scope), meta.first + 3)
+    subject = f"{_location(store.scope)}.{ref.hex}.d.{meta.upload}.3"
     await js.publish(subject, b"y" * SMALL_CHUNK)
     with pytest.raises(IntegrityError):
         await store.get(ref)
@@ -204,15 +216,16 @@ async def test_extra_message_on_chunk_subject_never_changes_the_value(store, nc)
     value = os.urandom(SMALL_CHUNK * 4)
     ref = await store.put(value)
     meta = await record_meta(store, ref)
-    subject = f"{_location(store.scope)}.{ref.hex}.d.{meta.upload}"
-    await nc.jetstream().publish(subject, b"junk")
+    for i in (2, 4, "x"):  # after the last chunk: a repeat, one past the end, no index
+        subject = f"{_location(store.scope)}.{ref.hex}.d.{meta.upload}.{i}"
+        await nc.jetstream().publish(subject, b"junk")
     assert await store.get(ref) == value
 
 
 async def test_truncated_value_is_an_integrity_error(store, nc):
     ref = await store.put(os.urandom(SMALL_CHUNK * 6 + 5))
     meta = await record_meta(store, ref)
-    await nc.jetstream().delete_msg(STREAM, meta.last)
+    await nc.jetstream().delete_msg(stream_name(store.scope), meta.last)
     with pytest.raises(IntegrityError, match="truncated"):
         await store.read_bytes(ref)
 
@@ -235,7 +248,7 @@ async def test_rewritten_inline_record_is_an_integrity_error(store, nc):
 # -- scale and memory ----------------------------------------------------------------------
 
 
-async def test_many_windows_stream_and_bounded_memory(nc, session_id):
+async def test_many_windows_stream_and_bounded_memory(admin, nc, session_id):
     """Same code path as a 1 GB value: default chunks, several read windows."""
     store = await Store.open(nc, scope=session_id)
     value = os.urandom(40 * 1024 * 1024 + 12345)
@@ -262,7 +275,7 @@ async def test_many_windows_stream_and_bounded_memory(nc, session_id):
 
 async def test_values_and_variables_survive_a_server_restart(own_server, session_id):
     nc = await nats.connect(own_server.url)
-    store = await Store.open(nc, scope=session_id, chunk_size=SMALL_CHUNK)
+    store = await Store.provision(nc, scope=session_id, chunk_size=SMALL_CHUNK)
     values = ["inline", os.urandom(SMALL_CHUNK * 9 + 1), {"k": ["v"] * 50}]
     refs = [await store.put(v) for v in values]
     kept = await store.put("kept", keep=True)
@@ -283,8 +296,8 @@ async def test_values_and_variables_survive_a_server_restart(own_server, session
 
 
 async def test_drop_removes_the_session_and_keeps_kept_data(nc, session_id):
-    mine = await Store.open(nc, scope=session_id, chunk_size=SMALL_CHUNK)
-    other = await Store.open(nc, scope=session_id + "x", chunk_size=SMALL_CHUNK)
+    mine = await Store.provision(nc, scope=session_id, chunk_size=SMALL_CHUNK)
+    other = await Store.provision(nc, scope=session_id + "x", chunk_size=SMALL_CHUNK)
     small, big = await mine.put("small"), await mine.put(os.urandom(SMALL_CHUNK * 5))
     kept = await mine.put({"keep": True}, keep=True)
     theirs = await other.put("small")
@@ -294,23 +307,32 @@ async def test_drop_removes_the_session_and_keeps_kept_data(nc, session_id):
 
     await mine.drop()
 
-    for ref in (small, big):
-        assert not await mine.exists(ref)
-        with pytest.raises(NotFound):
-            await mine.get(ref)
-    assert await mine.lookup("n", None) is None
-    assert await mine.get(kept) == {"keep": True}
+    js = nc.jetstream()
+    for name in (stream_name(session_id), f"KV_cvars_{session_id}"):
+        with pytest.raises(nats.js.errors.NotFoundError):  # nothing of the session is left
+            await js.stream_info(name)
+    with pytest.raises(NotProvisioned):
+        await Store.open(nc, scope=session_id, timeout=1)
+    kept_reader = await Store.open(nc, scope=session_id + "x")
+    assert await kept_reader.get(kept) == {"keep": True}
     assert await other.get(theirs) == "small" and await other.lookup("n") == 2
-    info = await nc.jetstream().stream_info(STREAM, subjects_filter=f"{_location(session_id)}.>")
-    assert not info.state.subjects  # nothing of the session is left in the stream
+    await mine.drop()  # twice is fine
+    again = await Store.provision(nc, scope=session_id, chunk_size=SMALL_CHUNK)
+    for ref in (small, big):  # a session of the same name starts empty
+        assert not await again.exists(ref)
+        with pytest.raises(NotFound):
+            await again.get(ref)
+    assert await again.lookup("n", None) is None
+    assert await again.get(kept) == {"keep": True}
 
 
-async def test_a_value_already_kept_is_not_stored_again(store):
-    kept = await store.put("shared text", keep=True)
+async def test_a_value_already_kept_is_not_stored_again(admin, store):
+    kept = await admin.put("shared text", keep=True)
     again = await store.put("shared text")
     assert again.scope == "" and again.digest == kept.digest
-    await store.drop()
-    assert await store.get(again) == "shared text"
+    await admin.drop()
+    reader = await Store.provision(admin.nc, scope=admin.scope)
+    assert await reader.get(again) == "shared text"
 
 
 # -- named variables -----------------------------------------------------------------------
