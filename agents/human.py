@@ -1,43 +1,60 @@
 """A person on the bus: agents call `human("question", context=...)` and wait for the answer.
 
 Questions wait durably, so a person who connects late or reconnects still sees them:
-each session has one JetStream KV bucket (`council-human-<session>`) holding
+each human has one JetStream KV bucket per session (`council-human-<session>-<human>`,
+created and deleted by the runner) holding
 
-    q.<human>.<question id>   the question (who asks, the prompt, a preview of the context)
-    a.<human>.<question id>   its answer, written with create-if-absent: answered once only
-    f.<human>.<id>            a final answer the session sends back to this person
+    q.<question id>   the question (who asks, the prompt, a preview of the context)
+    a.<question id>   its answer, written with create-if-absent: answered once only
+    f.<id>            a final answer the session sends back to this person
 
 Two sides: `HumanPeer` serves the human's name (writes the question, waits for the
 answer); endpoints (`HumanDesk` and, on it, `ScriptedHuman` for tests and
 `TerminalHuman` for `council human`) list pending questions and submit answers.
 Neither side needs the other to be up: the bucket is the meeting point.
+
+Who may touch the bucket is the server's business (channels/permissions.py): the human's
+peer writes questions and reads answers, its endpoint (`<human>-desk`) reads questions and
+writes answers, nobody else anything. So a peer learns only the answers to the questions it
+asked (as the replies of its calls), and only the person answers. Both sides use the
+bucket through plain subjects (JetStream publishes, direct gets, and core subscriptions to
+hear new entries), never the JetStream API that manages streams or consumers. An entry
+that does not parse is skipped with a warning: one bad entry never ends a session.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
 import anyio
 import anyio.to_thread
 import nats.errors
 import nats.js.errors
 from anyio.abc import TaskStatus
-from nats.js.kv import KeyValue
-from pydantic import BaseModel, ConfigDict, Field
+from nats.aio.msg import Msg
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from channels import log, subjects
 from channels.bus import Bus
 from channels.errors import CouncilError
 from channels.messages import Call, Ref, Value
+from channels.natsio import unsubscribe
+from channels.permissions import human_bucket
 
 _log = log.get("council.human")
 
 SIGNATURE = "(question: str, context=None) -> str"
 PREVIEW = 300
+QUIET = 2.0
+"""Seconds without news after which a side reads the bucket again (a core subscription
+may miss what was written while the connection was away)."""
+_WRONG_LAST_SEQUENCE = (10071, 10164)
+M = TypeVar("M", bound=BaseModel)
 
 
 class AlreadyAnswered(CouncilError):
@@ -76,30 +93,144 @@ class Final(BaseModel):
     at: float = Field(default_factory=time.time)
 
 
-def bucket_name(session: str) -> str:
-    return f"council-human-{subjects.check_name(session, 'session')}"
+def bucket_name(session: str, human: str) -> str:
+    return human_bucket(session, human)
 
 
-async def open_bucket(bus: Bus) -> KeyValue:
-    """The session's human bucket, created if absent (by whichever side comes first)."""
+class NoBucket(CouncilError):
+    """The human's bucket does not exist: the runner creates it when the session starts."""
+
+
+class Entry(BaseModel):
+    """One key's latest message in a bucket (`deleted` for a withdrawn one)."""
+
+    key: str
+    data: bytes
+    deleted: bool = False
+
+
+class Bucket:
+    """One human's bucket, used through data-plane subjects only (see the module doc)."""
+
+    def __init__(self, bus: Bus, human: str) -> None:
+        self.nc = bus.nc
+        self.name = bucket_name(bus.session, human)
+        self.stream = f"KV_{self.name}"
+        self.pre = f"$KV.{self.name}."
+        self.js = bus.nc.jetstream()
+
+    def subject(self, key: str) -> str:
+        return self.pre + key
+
+    async def _publish(self, key: str, data: bytes, headers: dict[str, str] | None = None) -> None:
+        try:
+            await self.js.publish(self.subject(key), data, headers=headers)
+        except nats.errors.NoRespondersError:
+            raise NoBucket(
+                f"no bucket {self.name!r} holds {key!r}: the runner creates it when the "
+                "session starts (start `council run` first, or check the session id)"
+            ) from None
+
+    async def put(self, key: str, data: bytes) -> None:
+        await self._publish(key, data)
+
+    async def create(self, key: str, data: bytes) -> bool:
+        """Write `key` unless it holds a value already; False if it did."""
+        try:
+            await self._publish(key, data, {"Nats-Expected-Last-Subject-Sequence": "0"})
+        except nats.js.errors.APIError as e:
+            if e.err_code in _WRONG_LAST_SEQUENCE:
+                return False
+            raise
+        return True
+
+    async def delete(self, key: str) -> None:
+        await self._publish(key, b"", {"KV-Operation": "DEL"})
+
+    async def get(self, key: str) -> Entry | None:
+        """`key`'s latest entry (a direct get by subject), None if it has none."""
+        msg = await self.nc.request(
+            f"$JS.API.DIRECT.GET.{self.stream}.{self.subject(key)}", b"", timeout=5
+        )
+        return self._entry(msg)
+
+    async def scan(self, pattern: str) -> list[Entry]:
+        """Every key under `pattern` ("q.*"), one direct get each, in stream order."""
+        out: list[Entry] = []
+        seq = 1
+        while True:
+            body = json.dumps({"seq": seq, "next_by_subj": self.subject(pattern)}).encode()
+            msg = await self.nc.request(f"$JS.API.DIRECT.GET.{self.stream}", body, timeout=5)
+            entry = self._entry(msg)
+            if entry is None:
+                return out
+            out.append(entry)
+            seq = int((msg.headers or {}).get("Nats-Sequence", seq)) + 1
+
+    def _entry(self, msg: Msg) -> Entry | None:
+        headers = msg.headers or {}
+        status = headers.get("Status")
+        if status == "404":
+            return None
+        if status:
+            raise NoBucket(
+                f"bucket {self.name!r} answered a read with status {status} "
+                f"({headers.get('Description', '')}); the runner creates it at session start"
+            )
+        subject = headers.get("Nats-Subject", "")
+        return Entry(
+            key=subject.removeprefix(self.pre),
+            data=msg.data,
+            deleted=headers.get("KV-Operation") in ("DEL", "PURGE"),
+        )
+
+    @asynccontextmanager
+    async def listen(self, pattern: str) -> AsyncIterator[anyio.abc.ObjectReceiveStream[Entry]]:
+        """Entries written under `pattern` from now on, as they are written."""
+        send, receive = anyio.create_memory_object_stream[Entry](max_buffer_size=1024)
+
+        async def on_msg(msg: Msg) -> None:
+            headers = msg.headers or {}
+            entry = Entry(
+                key=msg.subject.removeprefix(self.pre),
+                data=msg.data,
+                deleted=headers.get("KV-Operation") in ("DEL", "PURGE"),
+            )
+            try:
+                send.send_nowait(entry)
+            except anyio.WouldBlock:  # the next quiet spell's scan will find it
+                pass
+
+        sub = await self.nc.subscribe(self.subject(pattern), cb=on_msg)
+        try:
+            yield receive
+        finally:
+            with anyio.CancelScope(shield=True):
+                await unsubscribe([sub])
+                send.close()
+
+
+async def provision(bus: Bus, humans: Iterable[str], *, replicas: int = 1) -> None:
+    """Create the humans' buckets of the session (the runner does, as admin)."""
     js = bus.nc.jetstream()
-    name = bucket_name(bus.session)
-    try:
-        return await js.key_value(name)
-    except nats.js.errors.BucketNotFoundError:
-        pass
-    try:
-        return await js.create_key_value(bucket=name, history=1)
-    except nats.js.errors.Error:  # created meanwhile by the other side
-        return await js.key_value(name)
+    for human in humans:
+        try:
+            await js.create_key_value(
+                bucket=bucket_name(bus.session, human), history=1, direct=True, replicas=replicas
+            )
+        except nats.js.errors.BadRequestError as e:
+            if e.err_code != 10058:  # already there (made by an earlier runner): keep it
+                raise
 
 
-async def delete_bucket(bus: Bus) -> None:
+async def delete_buckets(bus: Bus, humans: Iterable[str]) -> None:
     """Session data is not kept: called by the runner when the session ends."""
-    try:
-        await bus.nc.jetstream().delete_key_value(bucket_name(bus.session))
-    except nats.js.errors.NotFoundError:
-        pass
+    js = bus.nc.jetstream()
+    for human in humans:
+        try:
+            await js.delete_key_value(bucket_name(bus.session, human))
+        except nats.js.errors.NotFoundError:
+            pass
 
 
 def preview(value: Any, limit: int = PREVIEW) -> str:
@@ -111,42 +242,18 @@ def preview(value: Any, limit: int = PREVIEW) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _key(kind: str, human: str, qid: str) -> str:
-    return f"{kind}.{human}.{qid}"
-
-
-@asynccontextmanager
-async def _watch(kv: KeyValue, pattern: str) -> AsyncIterator[KeyValue.KeyWatcher]:
-    """Yields current entries under `pattern`, then None, then new ones as they come."""
-    watcher = await kv.watch(pattern)
+def _parse(model: type[M], entry: Entry, bucket: str) -> M | None:
+    """The entry as `model`, or None (with a warning) for one that does not parse."""
     try:
-        yield watcher
-    finally:
-        with anyio.CancelScope(shield=True):
-            try:
-                await watcher.stop()
-            except Exception:
-                pass
-
-
-_QUIET = object()
-
-
-async def _next(watcher: KeyValue.KeyWatcher, quiet: float = 2.0) -> object:
-    """The watch's next entry (or None marker), or _QUIET after `quiet` seconds of nothing."""
-    try:
-        return await watcher.updates(timeout=quiet)
-    except nats.errors.TimeoutError:
-        return _QUIET
-
-
-async def _get(kv: KeyValue, key: str) -> KeyValue.Entry | None:
-    try:
-        return await kv.get(key)
-    except nats.js.errors.KeyNotFoundError:
-        return None
-    except Exception as e:  # reconnecting: try again on the next quiet spell
-        _log.debug("kv.get_failed", key=key, error=str(e))
+        return model.model_validate_json(entry.data)
+    except ValidationError as e:
+        _log.warning(
+            "human.entry_skipped",
+            bucket=bucket,
+            key=entry.key,
+            error=str(e.errors()[0]["msg"]) if e.errors() else str(e),
+            hint="an entry written by something other than council; delete it if it stays",
+        )
         return None
 
 
@@ -162,15 +269,19 @@ class HumanPeer:
         self.name = subjects.check_name(name, "human name")
         self.description = description or "a person; ask only what you cannot work out"
         self.concurrency = concurrency
-        self._kv: KeyValue | None = None
+        self._bucket: Bucket | None = None
+
+    def attach(self, bus: Bus) -> None:
+        """Use `bus` for the bucket (what `run` does before serving)."""
+        self._bucket = Bucket(bus, self.name)
 
     async def run(self, bus: Bus, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED):
-        self._kv = await open_bucket(bus)
+        self.attach(bus)
         await bus.serve(self.name, self.ask, concurrency=self.concurrency, task_status=task_status)
 
     async def ask(self, call: Call) -> str:
-        assert self._kv is not None, "run(bus) first"
-        kv = self._kv
+        assert self._bucket is not None, "run(bus) first"
+        bucket = self._bucket
         question = Question(
             id=call.id,
             human=self.name,
@@ -179,34 +290,40 @@ class HumanPeer:
             context_preview=preview(call.context),
             context=call.context,
         )
-        qkey = _key("q", self.name, call.id)
-        try:
-            await kv.create(qkey, question.model_dump_json(by_alias=True).encode())
-        except nats.js.errors.KeyWrongLastSequenceError:
-            pass  # the same call asked again (a redelivery): keep the first
-        _log.info("question.asked", human=self.name, asker=call.caller, id=call.id)
+        qkey, akey = f"q.{call.id}", f"a.{call.id}"
         answered = False
         try:
-            akey = _key("a", self.name, call.id)
-            async with _watch(kv, akey) as watcher:
+            async with bucket.listen(akey) as news:
+                # listening before asking: an answer cannot slip in between
+                await bucket.create(qkey, question.model_dump_json(by_alias=True).encode())
+                _log.info("question.asked", human=self.name, asker=call.caller, id=call.id)
+                entry: Entry | None = None
                 while True:
-                    entry = await _next(watcher)
-                    if entry is _QUIET:  # a watch does not survive every reconnect: look
-                        entry = await _get(kv, akey)
-                    if (
-                        isinstance(entry, KeyValue.Entry)
-                        and entry.value
-                        and entry.operation is None
-                    ):
-                        answered = True
-                        return Answer.model_validate_json(entry.value).text
+                    if entry is not None and not entry.deleted and entry.data:
+                        answer = _parse(Answer, entry, bucket.name)
+                        if answer is not None:
+                            answered = True
+                            return answer.text
+                    entry = None
+                    with anyio.move_on_after(QUIET):
+                        entry = await news.receive()
+                    if entry is None:  # quiet: a notice may have been missed, look
+                        entry = await _get(bucket, akey)
         finally:
             if not answered:  # withdrawn (cancelled or timed out): no endpoint should show it
                 with anyio.CancelScope(shield=True):
                     try:
-                        await kv.delete(qkey)
+                        await bucket.delete(qkey)
                     except Exception as e:
                         _log.debug("question.not_withdrawn", id=call.id, error=str(e))
+
+
+async def _get(bucket: Bucket, key: str) -> Entry | None:
+    try:
+        return await bucket.get(key)
+    except (nats.errors.Error, NoBucket) as e:  # reconnecting: try again on the next quiet spell
+        _log.debug("kv.get_failed", key=key, error=str(e))
+        return None
 
 
 # -- the endpoint side ------------------------------------------------------------------------
@@ -219,84 +336,76 @@ class HumanDesk:
         self.bus = bus
         self.human = subjects.check_name(human, "human name")
         self.by = by or bus.name
-        self._kv: KeyValue | None = None
+        self.bucket = Bucket(bus, self.human)
 
-    async def kv(self) -> KeyValue:
-        if self._kv is None:
-            self._kv = await open_bucket(self.bus)
-        return self._kv
-
-    async def _answered(self, qid: str) -> bool:
-        try:
-            await (await self.kv()).get(_key("a", self.human, qid))
-            return True
-        except nats.js.errors.KeyNotFoundError:
-            return False
+    async def _answered(self) -> set[str]:
+        return {e.key[2:] for e in await self.bucket.scan("a.*") if not e.deleted}
 
     async def pending(self) -> list[Question]:
         """Questions asked and not yet answered (nor withdrawn), oldest first."""
-        found: list[Question] = []
-        async with _watch(await self.kv(), _key("q", self.human, ">")) as watcher:
-            async for entry in watcher:
-                if entry is None:
-                    break
-                if entry.value and entry.operation is None:
-                    q = Question.model_validate_json(entry.value)
-                    if not await self._answered(q.id):
-                        found.append(q)
+        answered = await self._answered()
+        found = [
+            q
+            for e in await self.bucket.scan("q.*")
+            if not e.deleted and e.key[2:] not in answered
+            if (q := _parse(Question, e, self.bucket.name)) is not None
+        ]
         return sorted(found, key=lambda q: q.asked_at)
 
     async def questions(self) -> AsyncIterator[Question]:
         """Every pending question, now and as they are asked, each once; runs until cancelled.
 
-        New questions arrive by a KV watch; when it is quiet the pending list is read again,
-        since a watch may not survive a server restart and a person must not miss one.
+        New questions arrive on a subscription; when it is quiet the pending list is read
+        again, since a person must not miss one written while the connection was away.
         """
         seen: set[str] = set()
-        async with _watch(await self.kv(), _key("q", self.human, ">")) as watcher:
+        async with self.bucket.listen("q.*") as news:
             while True:
-                entry = await _next(watcher)
-                if entry is _QUIET:
-                    try:
-                        found = await self.pending()
-                    except Exception as e:  # the server is away; keep waiting
-                        _log.debug("questions.not_listed", error=str(e))
-                        found = []
-                elif isinstance(entry, KeyValue.Entry) and entry.value and entry.operation is None:
-                    q = Question.model_validate_json(entry.value)
-                    found = [] if q.id in seen or await self._answered(q.id) else [q]
-                else:
-                    continue
+                try:
+                    found = await self.pending()
+                except Exception as e:  # the server is away; keep waiting
+                    _log.debug("questions.not_listed", error=str(e))
+                    found = []
                 for q in found:
                     if q.id not in seen:
                         seen.add(q.id)
                         yield q
+                with anyio.move_on_after(QUIET):
+                    await news.receive()  # something new: list again at once
 
     async def answer(self, question: Question | str, text: str) -> None:
         """Answer once; a second answer (from here or any endpoint) raises AlreadyAnswered."""
         qid = question if isinstance(question, str) else question.id
         answer = Answer(id=qid, text=str(text), by=self.by)
-        try:
-            await (await self.kv()).create(
-                _key("a", self.human, qid), answer.model_dump_json().encode()
-            )
-        except nats.js.errors.KeyWrongLastSequenceError:
+        if not await self.bucket.create(f"a.{qid}", answer.model_dump_json().encode()):
             raise AlreadyAnswered(
                 f"question {qid} to {self.human!r} was already answered; see pending() for open ones"
-            ) from None
+            )
 
     async def finals(self) -> AsyncIterator[Final]:
         """Final answers sent to this person, past and future; runs until cancelled."""
-        async with _watch(await self.kv(), _key("f", self.human, ">")) as watcher:
-            async for entry in watcher:
-                if entry is not None and entry.value and entry.operation is None:
-                    yield Final.model_validate_json(entry.value)
+        seen: set[str] = set()
+        async with self.bucket.listen("f.*") as news:
+            while True:
+                try:
+                    entries = await self.bucket.scan("f.*")
+                except Exception as e:
+                    _log.debug("finals.not_listed", error=str(e))
+                    entries = []
+                for e in entries:
+                    if e.key in seen or e.deleted:
+                        continue
+                    seen.add(e.key)
+                    final = _parse(Final, e, self.bucket.name)
+                    if final is not None:
+                        yield final
+                with anyio.move_on_after(QUIET):
+                    await news.receive()
 
 
 async def send_final(bus: Bus, human: str, final: Final) -> None:
     """Give a council's final answer to `human` (it waits in the bucket like a question)."""
-    kv = await open_bucket(bus)
-    await kv.put(_key("f", human, final.id), final.model_dump_json(by_alias=True).encode())
+    await Bucket(bus, human).put(f"f.{final.id}", final.model_dump_json(by_alias=True).encode())
 
 
 Responder = Callable[[Question], str | Awaitable[str]]
@@ -326,7 +435,6 @@ class ScriptedHuman:
 
     async def run(self, bus: Bus, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED):
         desk = HumanDesk(bus, self.human, by="script")
-        await desk.kv()
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._collect_finals, desk)
             task_status.started()
@@ -359,7 +467,6 @@ class TerminalHuman:
 
     async def run(self, bus: Bus, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED):
         desk = HumanDesk(bus, self.human, by="terminal")
-        await desk.kv()
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._show_finals, desk)
             self._print(f"[{self.human}] waiting for questions (Ctrl-C to leave)")

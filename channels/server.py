@@ -2,7 +2,8 @@
 
 Started on a free loopback port with JetStream on, stopped when its owner stops,
 and killed by the kernel if its owner dies (PR_SET_PDEATHSIG), so a crashed or
-SIGKILLed parent never leaves a server behind.
+SIGKILLed parent never leaves a server behind. Its config file (mode 0600, in a 0700
+directory) holds the users' bcrypt hashes, never a password.
 """
 
 from __future__ import annotations
@@ -83,8 +84,14 @@ class NatsServer:
         )
 
     def _spawn(self) -> None:
+        self._workdir.chmod(0o700)
         conf = self._workdir / "nats.conf"
-        conf.write_text(self._config())
+        # Owner-only from its first byte; what it holds of users is bcrypt hashes
+        # (channels/permissions.py), so even its owner's other processes learn no password.
+        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(self._config())
         ports_dir = self._workdir / "ports"
         shutil.rmtree(ports_dir, ignore_errors=True)
         ports_dir.mkdir()

@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -66,8 +68,8 @@ def _nats_args(
         "--rights",
         metavar="PATH",
         default=os.environ.get("COUNCIL_RIGHTS"),
-        help="credentials file from `council rights`: each connection uses its own user "
-        "(default: $COUNCIL_RIGHTS)",
+        help="the directory from `council rights` (or one <peer>.cred.json in it): each "
+        "connection uses its own user (default: $COUNCIL_RIGHTS)",
     )
 
 
@@ -197,14 +199,16 @@ def _parser() -> argparse.ArgumentParser:
         help="print the NATS users for a council, to configure an external server",
         description="Print the nats-server `authorization` block that holds every peer of "
         "the council to its edges in session S (include it in the server's config), and write "
-        "the users' passwords to a credentials file for --rights of run, serve and human.",
+        "one credential file per user (mode 0600) for --rights of run, serve and human; "
+        "the server's config holds only bcrypt hashes.",
     )
     rights.add_argument("target", metavar="FILE:council", help=_TARGET_HELP)
     rights.add_argument("--session", required=True, help="the session id the rights are for")
     rights.add_argument(
         "--out",
         metavar="PATH",
-        help="where to write the credentials (default: council-rights-SESSION.json); mode 0600",
+        help="the directory to write the rights to (default: council-rights-SESSION): "
+        "nats.conf, rights.json and one <peer>.cred.json (mode 0600) per user",
     )
 
     human = sub.add_parser(
@@ -233,28 +237,30 @@ def _load_rights(path: str | None) -> Any:
         return None
     from channels.permissions import Rights
 
-    p = Path(path)
-    if not p.is_file():
-        raise CouncilError(f"--rights {path}: no such file; write one with `council rights`")
-    try:
-        return Rights.model_validate_json(p.read_text())
-    except ValueError as e:
-        raise CouncilError(
-            f"--rights {path} is not a credentials file from `council rights`: {e}"
-        ) from None
+    if not Path(path).exists():
+        raise CouncilError(f"--rights {path}: no such file; write it with `council rights`")
+    return Rights.load(path)
 
 
 def _rights(args: argparse.Namespace) -> int:
     from channels.permissions import rights
 
     council = load_target(args.target)
-    r = rights(args.session, council.edges(), serves=council.serves(), slots=council.slots())
-    out = Path(args.out or f"council-rights-{args.session}.json")
-    out.touch(mode=0o600, exist_ok=True)
-    out.chmod(0o600)
-    out.write_text(r.model_dump_json(indent=2))
+    r = rights(
+        args.session,
+        council.edges(),
+        serves=council.serves(),
+        slots=council.slots(),
+        humans=council.desks(),
+    )
+    out = Path(args.out or f"council-rights-{args.session}")
+    r.write(out)
     print(r.authorization(), end="")
-    print(f"credentials for session {args.session} written to {out}", file=sys.stderr)
+    print(
+        f"rights for session {args.session} written to {out}/ (nats.conf: hashes only; one "
+        "<peer>.cred.json per user, mode 0600: give each machine only the ones it runs)",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -349,11 +355,17 @@ async def _run(args: argparse.Namespace) -> int:
         for name in humans:
             if name != human:
                 desk = council.peer(name).desk  # type: ignore[union-attr]
-                user, password = s.credentials(desk)
-                creds = f"NATS_USER={user} NATS_PASSWORD={password} " if s.rights else ""
+                creds = ""
+                if s.rights is not None and s.rights.holds(desk):  # a file, never the password
+                    from channels.permissions import cred_file_name
+
+                    d = Path(tempfile.mkdtemp(prefix="council-rights-"))
+                    s.call_in(partial(_remove_at_exit, d))
+                    s.rights.write(d, only=[desk])
+                    creds = f" --rights {d / cred_file_name(desk)}"
                 print(
-                    f"human {name!r} answers with: {creds}council human --name {name} "
-                    f"--nats {s.url} --session {s.session}",
+                    f"human {name!r} answers with: council human --name {name} "
+                    f"--nats {s.url} --session {s.session}{creds}",
                     file=sys.stderr,
                 )
         result = await s.ask(
@@ -379,6 +391,13 @@ async def _run(args: argparse.Namespace) -> int:
     if s.replayer is not None:
         print(s.replayer.report(), file=sys.stderr)
     return 0
+
+
+async def _remove_at_exit(path: Path) -> None:
+    try:
+        await anyio.sleep_forever()
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 async def _serve(args: argparse.Namespace) -> int:

@@ -503,6 +503,10 @@ class Council(BaseModel):
             if isinstance(p, Agent)
         }
 
+    def desks(self) -> dict[str, str]:
+        """Each human -> its endpoint's name (rights give the pair the human's bucket)."""
+        return {p.name: p.desk for p in self.peers if isinstance(p, Human)}
+
     def slots(self) -> dict[str, int]:
         """Names that stand for numbered families in the rights: an agent's REPL workers are
         `<agent>-repl`, `<agent>-repl-2`, ... up to its `repl_slots`."""

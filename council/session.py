@@ -40,6 +40,7 @@ from channels.bus import DEFAULT_TIMEOUT, Bus
 from channels.errors import BadRequest, CouncilError
 from channels.messages import Call, Reply, Usage, Value, new_id
 from channels.server import embedded_server
+from channels.store import Store
 from council.cassette import Cassette
 from council.declare import LLM, Agent, Council, Function, Human
 from council.record import Recorder, answered_by_models_or_humans
@@ -207,6 +208,7 @@ class Session:
         replay: str | Path | Cassette | Replayer | None = None,
         strict: bool = False,
         replay_live: bool = False,
+        store_replicas: int | None = None,
     ) -> None:
         """`record`: the cassette to write (its blobs go beside it). `replay`: a cassette (or
         a Replayer, to choose the peers or how requests match) whose recorded answers stand in
@@ -214,7 +216,9 @@ class Session:
         replayed human. At exit the unused recordings are logged; with `strict` a request the
         cassette did not hold raises ReplayMismatch, and unused recordings UnusedRecordings.
         `replay_live`: a request the cassette does not hold is answered by the real peer
-        instead (pytest's new_episodes); human endpoints are then opened as usual."""
+        instead (pytest's new_episodes); human endpoints are then opened as usual.
+        `store_replicas`: copies of the session's store on a cluster (default: 3 on a
+        cluster of 3 or more servers, else 1)."""
         self.council = council.check()
         self.nats_url = nats_url
         # True: generate users for the embedded server. A Rights: the users an external
@@ -239,6 +243,8 @@ class Session:
         self._credentials = credentials
         self.timeout = timeout
         self.keep_data = keep_data
+        self.store_replicas = store_replicas
+        self.store: Store | None = None  # the runner's (admin) view of the session's store
         self.record_path = Path(record) if record is not None else None
         self.recorder: Recorder | None = None
         self.record_options: dict[str, Any] = {}  # more Recorder options (e.g. blobs=...)
@@ -332,6 +338,7 @@ class Session:
                     self.council.edges(),
                     serves=self.council.serves(),
                     slots=self.council.slots(),
+                    humans=self.council.desks(),
                 )
                 config = self.rights.authorization()
             server = await stack.enter_async_context(embedded_server(config_extra=config))
@@ -341,6 +348,7 @@ class Session:
         stack.push_async_callback(self._close_buses)
         self.client = await self.connect(RUNNER)
         stack.push_async_callback(self._drop_data)
+        await self._provision()
         if self.record_path is not None:
             # Listening before any peer starts; stopped once they all have, while the store
             # still holds the values its Refs name.
@@ -383,7 +391,7 @@ class Session:
     async def _live_forward(self) -> Callable[[Call], Awaitable[Reply]]:
         """The real peers behind the replayed names, called directly (not served: the
         cassette's peers hold their subjects) for the requests the cassette lacks."""
-        from agents.human import HumanPeer, open_bucket
+        from agents.human import HumanPeer
 
         handlers: dict[str, Callable[[Call], Awaitable[Any]]] = {}
         for name in self.local:
@@ -392,7 +400,7 @@ class Session:
                     continue
                 bus = await self.connect(peer.name)
                 if isinstance(peer, HumanPeer):
-                    peer._kv = await open_bucket(bus)  # what its run() prepares before serving
+                    peer.attach(bus)  # what its run() does before serving
                     handlers[peer.name] = peer.ask
                 else:
                     handlers[peer.name] = partial(peer.handle, bus)  # type: ignore[attr-defined]
@@ -448,18 +456,29 @@ class Session:
         if error is None:
             replayer.check(strict=True)
 
+    async def _provision(self) -> None:
+        """The runner creates the session's data before any peer runs: peers may not."""
+        self.store = await Store.provision(
+            self.client.nc,  # type: ignore[union-attr]
+            scope=self.session,
+            replicas=self.store_replicas,
+        )
+        if humans := self.council.desks():
+            from agents.human import provision
+
+            await provision(self.client, humans)  # type: ignore[arg-type]
+
     async def _drop_data(self) -> None:
         """Session data is not kept unless asked: the human bucket and the store scope."""
         if self.keep_data or self.client is None or self.client.nc.is_closed:
             return
-        from agents.human import delete_bucket
+        from agents.human import delete_buckets
 
         try:
             with anyio.CancelScope(shield=True), anyio.fail_after(5):
-                await delete_bucket(self.client)
-                store = await _store(self.client)
-                if store is not None:
-                    await store.drop()
+                await delete_buckets(self.client, self.council.desks())
+                if self.store is not None:
+                    await self.store.drop()
         except Exception as e:  # best effort: an embedded server's data goes with it anyway
             _log.warning("session.data_not_dropped", session=self.session, error=str(e))
 

@@ -15,6 +15,7 @@ from agents.human import (
     HumanPeer,
     ScriptedHuman,
     TerminalHuman,
+    provision,
     send_final,
 )
 from channels.errors import CallTimeout
@@ -38,6 +39,7 @@ async def test_a_late_endpoint_sees_the_pending_question_and_answers_it_once(con
         await connect("ada-desk"),
         await connect("ada-desk2"),
     )
+    await provision(chair, ["ada"])  # the runner's part: peers never create buckets
     got: dict = {}
     async with anyio.create_task_group() as tg:
         await tg.start(HumanPeer("ada").run, peer_bus)
@@ -66,6 +68,7 @@ async def test_a_late_endpoint_sees_the_pending_question_and_answers_it_once(con
 
 async def test_two_scripted_endpoints_racing_answer_each_question_once(connect):
     peer_bus, chair = await connect("ada"), await connect("chair")
+    await provision(chair, ["ada"])
     first, second = (
         ScriptedHuman("ada", lambda q: "first"),
         ScriptedHuman("ada", lambda q: "second"),
@@ -82,6 +85,7 @@ async def test_two_scripted_endpoints_racing_answer_each_question_once(connect):
 
 async def test_a_question_whose_caller_gave_up_is_withdrawn(connect):
     peer_bus, chair, desk_bus = await connect("ada"), await connect("chair"), await connect("d")
+    await provision(chair, ["ada"])
     async with anyio.create_task_group() as tg:
         await tg.start(HumanPeer("ada").run, peer_bus)
         with pytest.raises(CallTimeout):
@@ -98,6 +102,7 @@ async def test_questions_survive_a_server_restart(own_server, session_id):
 
     peer_bus = await Bus.connect(own_server.url, session=session_id, name="ada")
     chair = await Bus.connect(own_server.url, session=session_id, name="chair")
+    await provision(chair, ["ada"])
     got: dict = {}
     try:
         async with anyio.create_task_group() as tg:
@@ -134,6 +139,7 @@ async def _pending_or_empty(desk: HumanDesk):
 
 async def test_terminal_endpoint_shows_who_asks_and_reads_the_answer(connect):
     peer_bus, chair = await connect("ada"), await connect("chair")
+    await provision(chair, ["ada"])
     stdin, stdout = io.StringIO("forty-two\n"), io.StringIO()
     got: dict = {}
     async with anyio.create_task_group() as tg:
@@ -171,8 +177,18 @@ async def test_council_human_joins_late_from_another_process(tmp_path, clean_env
 
     council = Council(entry="ada", peers=[Human("ada")])
     async with Session(council) as s:
-        creds = tmp_path / "rights.json"
-        creds.write_text(s.rights.model_dump_json())
+        # What `council run` hands the person: the endpoint's own credential file, 0600.
+        s.rights.write(tmp_path / "rights", only=["ada-desk"])
+        creds = tmp_path / "rights" / "ada-desk.cred.json"
+        assert sorted(p.name for p in (tmp_path / "rights").iterdir()) == [
+            "ada-desk.cred.json",
+            "nats.conf",
+            "rights.json",
+        ]
+        assert creds.stat().st_mode & 0o777 == 0o600
+        for other in ("ada", "admin"):  # nobody else's password is in any of the files
+            secret = s.rights.credentials(other)[1]
+            assert not any(secret in p.read_text() for p in (tmp_path / "rights").iterdir())
         got: dict = {}
         async with anyio.create_task_group() as tg:
             tg.start_soon(_ask, s.client, "ada", "Ship it?", "release notes v2", got)

@@ -16,6 +16,7 @@ from channels.bus import Bus
 from channels.errors import PermissionDenied, Unavailable
 from channels.natsio import settle
 from channels.server import embedded_server
+from channels.store import peer_subjects
 from council.declare import Agent, Council, Function, Human
 from council.session import Session, children
 
@@ -78,16 +79,17 @@ async def test_raw_nats_on_a_peers_credentials_is_refused_by_the_server():
         )
         try:
             # Its own edge is open (echo answers, here with bad_request to a non-call).
-            msg = await nc.request(subjects.call(s.session, "echo"), b"{}", timeout=5)
+            msg = await nc.request(subjects.call(s.session, "echo", "relay"), b"{}", timeout=5)
             assert b"bad_request" in msg.data
             # Outside its edges the message never reaches the peer.
             with pytest.raises(nats.errors.TimeoutError):
-                await nc.request(subjects.call(s.session, "secret"), b"{}", timeout=0.5)
+                await nc.request(subjects.call(s.session, "secret", "relay"), b"{}", timeout=0.5)
             assert any(
-                f'publish to "{subjects.call(s.session, "secret")}"'.lower() in e for e in errors
+                f'publish to "{subjects.call(s.session, "secret", "relay")}"'.lower() in e
+                for e in errors
             ), errors
             # Nor may it listen in on another peer's calls or another connection's replies.
-            await nc.subscribe(subjects.call(s.session, "secret"))
+            await nc.subscribe(subjects.call(s.session, "secret", subjects.ANY))
             await nc.subscribe(f"{subjects.inbox_prefix(s.session, 'echo')}.>")
             await nc.publish(subjects.event(s.session, "secret", "log"), b"{}")
             await settle(nc)
@@ -96,7 +98,7 @@ async def test_raw_nats_on_a_peers_credentials_is_refused_by_the_server():
                     await anyio.sleep(0.02)
             text = "\n".join(errors).lower()  # nats-py lowercases the server's errors
             for refused in (
-                f'subscription to "{subjects.call(s.session, "secret")}"',
+                f'subscription to "{subjects.call(s.session, "secret", subjects.ANY)}"',
                 f'subscription to "{subjects.inbox_prefix(s.session, "echo")}.>"',
                 f'publish to "{subjects.event(s.session, "secret", "log")}"',
             ):
@@ -146,19 +148,27 @@ async def test_agent_rights_cover_its_repl_worker_and_model():
     r = permissions.rights(session, council.edges(), serves=council.serves())
     chair, repl = r.for_peer("chair"), r.for_peer("chair-repl")
     assert set(repl.publish) >= {
-        subjects.call(session, "critic"),
-        subjects.call(session, "chair-child"),
+        subjects.call(session, "critic", "chair-repl"),
+        subjects.call(session, "chair-child", "chair-repl"),
     }
-    assert subjects.call(session, "ada") not in repl.publish
-    assert subjects.call(session, "chair-model") in chair.publish
-    assert subjects.call(session, "chair-child") in chair.subscribe
+    assert not [x for x in repl.publish if ".call.ada." in x]
+    assert subjects.call(session, "chair-model", "chair") in chair.publish
+    assert subjects.call(session, "chair-child", subjects.ANY) in chair.subscribe
     model = r.for_peer("chair-model").publish
     assert not [x for x in model if ".call." in x or ".cancel." in x]  # it calls no one
-    assert set(permissions.STORE_PUBLISH) <= set(model)
+    # Its store rights are the session's data plane, and no JetStream API beyond direct gets.
+    assert set(peer_subjects(session)[0]) <= set(model)
+    api = [x for x in model if x.startswith("$JS.")]
+    assert api and all(x.startswith("$JS.API.DIRECT.GET.") for x in api), api
+    # It answers only who may call it: its agent (and the agent's REPL workers), the runner.
+    inboxes = {x for x in model if x.startswith("_INBOX.")}
+    callers = ("admin", "chair", "chair-child", "chair-repl")
+    assert inboxes == {f"{subjects.inbox_prefix(session, n)}.>" for n in callers}
     # A real server accepts the generated block and enforces it for the worker's user.
+    _, admin_password = r.credentials(permissions.ADMIN)
     async with embedded_server(config_extra=r.authorization()) as server:
         admin = await Bus.connect(
-            server.url, session=session, name="critic", user=r.admin.user, password=r.admin.password
+            server.url, session=session, name="admin", user=r.admin.user, password=admin_password
         )
         user, password = r.credentials("chair-repl")
         worker = await Bus.connect(
@@ -196,7 +206,7 @@ except Exception as e:
 # And raw nats-py on the same connection (the worker's NATS user).
 w = word_count._worker
 try:
-    w.bridge.submit(w.bus.nc.request(f"council.{w.bus.session}.call.secret", b"{}", timeout=1)).result()
+    w.bridge.submit(w.bus.nc.request(f"council.{w.bus.session}.call.secret.{w.bus.name}", b"{}", timeout=1)).result()
     raw = "answered"
 except Exception as e:
     raw = type(e).__name__
