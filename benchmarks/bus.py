@@ -1,7 +1,9 @@
 """Bus.call against raw nats-py request/reply on the same embedded server, in one run.
 
-Prints sequential round-trip p50/p99 and throughput with many calls in flight;
-the last line is one JSON object with the figures and the ratios.
+Prints sequential round-trip p50/p99, the CPU time this process spends per sequential call
+(caller and callee both live here; on a loaded machine CPU time moves far less than wall
+time, so it is the steadier figure to compare runs by), and throughput with many calls in
+flight; the last line is one JSON object with the figures and the ratios.
 """
 
 from __future__ import annotations
@@ -23,12 +25,15 @@ def pct(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, int(p * len(xs)))]
 
 
-async def sequential(fn, n: int) -> list[float]:
+async def sequential(fn, n: int, cpu: list[float] | None = None) -> list[float]:
     times = []
+    c = time.process_time()
     for _ in range(n):
         t = time.perf_counter()
         await fn()
         times.append(time.perf_counter() - t)
+    if cpu is not None:
+        cpu.append((time.process_time() - c) / n)
     return times
 
 
@@ -70,9 +75,11 @@ async def main(n_seq: int, n_par: int, rounds: int) -> dict[str, float]:
             await sequential(bus_call, 200)
             await sequential(raw_call, 200)
             bus_seq, raw_seq, bus_tp, raw_tp = [], [], [], []
+            bus_cpu: list[float] = []
+            raw_cpu: list[float] = []
             for r in range(rounds):  # interleave so noise hits both alike
-                bus_seq += await sequential(bus_call, n_seq)
-                raw_seq += await sequential(raw_call, n_seq)
+                bus_seq += await sequential(bus_call, n_seq, bus_cpu)
+                raw_seq += await sequential(raw_call, n_seq, raw_cpu)
                 bus_tp.append(await in_flight(bus_call, n_par))
                 raw_tp.append(await in_flight(raw_call, n_par))
                 print(f"round {r + 1}/{rounds} done", flush=True)
@@ -85,11 +92,14 @@ async def main(n_seq: int, n_par: int, rounds: int) -> dict[str, float]:
         "bus_p99_us": pct(bus_seq, 0.99) * 1e6,
         "raw_p50_us": statistics.median(raw_seq) * 1e6,
         "raw_p99_us": pct(raw_seq, 0.99) * 1e6,
+        "bus_cpu_us_per_call": statistics.median(bus_cpu) * 1e6,
+        "raw_cpu_us_per_call": statistics.median(raw_cpu) * 1e6,
         "bus_calls_per_s": statistics.median(bus_tp),
         "raw_calls_per_s": statistics.median(raw_tp),
         "in_flight": n_par,
     }
     fig["p50_ratio_bus_over_raw"] = fig["bus_p50_us"] / fig["raw_p50_us"]
+    fig["cpu_ratio_bus_over_raw"] = fig["bus_cpu_us_per_call"] / fig["raw_cpu_us_per_call"]
     fig["throughput_ratio_bus_over_raw"] = fig["bus_calls_per_s"] / fig["raw_calls_per_s"]
     fig = {k: round(v, 3) for k, v in fig.items()}
     print(
@@ -101,7 +111,10 @@ async def main(n_seq: int, n_par: int, rounds: int) -> dict[str, float]:
         f"{fig['raw_calls_per_s']:8.0f} calls/s with {n_par} in flight"
     )
     print(
-        f"ratio p50 {fig['p50_ratio_bus_over_raw']:.2f}x, throughput {fig['throughput_ratio_bus_over_raw']:.2f}x"
+        f"ratio p50 {fig['p50_ratio_bus_over_raw']:.2f}x, CPU per call "
+        f"{fig['bus_cpu_us_per_call']:.0f} vs {fig['raw_cpu_us_per_call']:.0f} us "
+        f"({fig['cpu_ratio_bus_over_raw']:.2f}x), throughput "
+        f"{fig['throughput_ratio_bus_over_raw']:.2f}x"
     )
     return fig
 

@@ -78,9 +78,10 @@ it, is re-sent; silence after the re-send fails it `unavailable`."""
 SILENT_AFTER = 2
 """Intervals without a sign that mean a callee that had acknowledged a call is gone: one
 late heartbeat on a busy machine is tolerated, a dead process is noticed within ~2."""
-ACK_FRACTION = 8
-"""A callee acknowledges a call it has held for heartbeat/ACK_FRACTION without answering;
-calls answered sooner cost no extra message."""
+ACK_FRACTION = 2
+"""A callee acknowledges a call it has held for heartbeat/ACK_FRACTION without answering:
+calls answered sooner (nearly all, when the callee is healthy) cost no extra message, and
+a burst queued at a busy callee is not answered by a burst of acknowledgements."""
 ANSWERED_ENTRIES = 10_000
 ANSWERED_BYTES = 64 * 1024 * 1024
 """Bounds of the callee's cache of sent answers (kept until the call's deadline passes),
@@ -123,6 +124,7 @@ class Bus:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._connected = True
         self._reconnected = -inf
+        self._subjects: dict[tuple[str, str], str] = {}  # (session, callee) -> call subject
 
     @classmethod
     async def connect(
@@ -287,7 +289,10 @@ class Bus:
             call = call.model_copy(
                 update={"caller": self.name, "heartbeat": call.heartbeat or self.heartbeat}
             )
-        subject = subjects.call(call.session, call.callee, self.name)
+        subject = self._subjects.get((call.session, call.callee))
+        if subject is None:
+            subject = subjects.call(call.session, call.callee, self.name)
+            self._subjects[call.session, call.callee] = subject
         data = encode(call)
         if len(data) > self.spill_threshold:
             call = await self._spill_call(call, len(data))

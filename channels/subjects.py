@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Literal
 
 from channels.errors import InvalidName
@@ -101,9 +102,18 @@ def inbox_prefix(session: str, peer: str) -> str:
     return f"_INBOX.{check_name(session, 'session')}.{check_name(peer, 'peer name')}"
 
 
+@lru_cache(maxsize=4096)
+def _reply_prefix(session: str, caller: str) -> str | None:
+    try:
+        return inbox_prefix(session, caller) + "."
+    except InvalidName:
+        return None
+
+
 def is_reply_to(reply: str | None, session: str, caller: str) -> bool:
     """True if `reply` lies inside `caller`'s own inbox: the only place an answer may go."""
-    return bool(reply) and reply.startswith(inbox_prefix(session, caller) + ".")  # type: ignore[union-attr]
+    prefix = _reply_prefix(session, caller)
+    return prefix is not None and bool(reply) and reply.startswith(prefix)  # type: ignore[union-attr]
 
 
 @dataclass(frozen=True)

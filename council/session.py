@@ -36,7 +36,7 @@ from anyio.abc import TaskGroup, TaskStatus
 from pydantic import BaseModel, ConfigDict
 
 from channels import log, permissions, subjects
-from channels.bus import DEFAULT_TIMEOUT, Bus
+from channels.bus import DEFAULT_TIMEOUT, HEARTBEAT, Bus
 from channels.errors import BadRequest, CouncilError
 from channels.messages import Call, Reply, Usage, Value, new_id
 from channels.server import embedded_server
@@ -209,6 +209,7 @@ class Session:
         strict: bool = False,
         replay_live: bool = False,
         store_replicas: int | None = None,
+        heartbeat: float = HEARTBEAT,
     ) -> None:
         """`record`: the cassette to write (its blobs go beside it). `replay`: a cassette (or
         a Replayer, to choose the peers or how requests match) whose recorded answers stand in
@@ -218,7 +219,9 @@ class Session:
         `replay_live`: a request the cassette does not hold is answered by the real peer
         instead (pytest's new_episodes); human endpoints are then opened as usual.
         `store_replicas`: copies of the session's store on a cluster (default: 3 on a
-        cluster of 3 or more servers, else 1)."""
+        cluster of 3 or more servers, else 1). `heartbeat`: seconds between a callee's signs
+        of life on a call from this session's connections; a call silent for two of them is
+        re-sent, then failed `unavailable`."""
         self.council = council.check()
         self.nats_url = nats_url
         # True: generate users for the embedded server. A Rights: the users an external
@@ -244,6 +247,7 @@ class Session:
         self.timeout = timeout
         self.keep_data = keep_data
         self.store_replicas = store_replicas
+        self.heartbeat = heartbeat
         self.store: Store | None = None  # the runner's (admin) view of the session's store
         self.record_path = Path(record) if record is not None else None
         self.recorder: Recorder | None = None
@@ -306,6 +310,7 @@ class Session:
             user=user,
             password=password,
             default_timeout=self.timeout,
+            heartbeat=self.heartbeat,
         )
         self._buses.append(bus)
         return bus
