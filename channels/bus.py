@@ -75,6 +75,8 @@ HEARTBEAT = 2.0
 """Seconds between a callee's `Working` signals (the caller's setting travels in the call).
 A call silent for this long before its first sign, or for `SILENT_AFTER` intervals after
 it, is re-sent; silence after the re-send fails it `unavailable`."""
+MIN_HEARTBEAT = 0.05
+"""The shortest interval a callee heeds (a caller asking for less gets this)."""
 SILENT_AFTER = 2
 """Intervals without a sign that mean a callee that had acknowledged a call is gone: one
 late heartbeat on a busy machine is tolerated, a dead process is noticed within ~2."""
@@ -581,11 +583,11 @@ class _Pending:
 class _Held:
     """A call this server holds, queued or running, and everyone waiting for its answer."""
 
-    __slots__ = ("call", "caller", "cancelled", "replies", "scope", "timer")
+    __slots__ = ("call", "cancelled", "key", "replies", "scope", "timer")
 
     def __init__(self, call: Call, caller: str, reply: str):
         self.call = call
-        self.caller = caller
+        self.key = (caller, call.id)
         self.replies = [reply]
         self.scope: anyio.CancelScope | None = None
         self.timer: asyncio.TimerHandle | None = None
@@ -598,8 +600,10 @@ class _Server:
         self.peer = subjects.check_name(peer, "peer name")
         self.handler = handler
         self.limiter = anyio.Semaphore(concurrency)
-        self.held: dict[str, _Held] = {}
-        self.answered: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
+        # Keyed by (caller, call id): a call id is only unique per caller, and one caller
+        # must never attach to, cancel, or be answered from the cache of another's call.
+        self.held: dict[tuple[str, str], _Held] = {}
+        self.answered: OrderedDict[tuple[str, str], tuple[bytes, float]] = OrderedDict()
         self.answered_bytes = 0
         self.log = _log.bind(session=bus.session, peer=peer)
         self.loop = asyncio.get_running_loop()
@@ -681,18 +685,19 @@ class _Server:
             await self._send(reply, encode(failure))
             return
         assert isinstance(call, Call)
-        held = self.held.get(call.id)
+        key = (caller, call.id)
+        held = self.held.get(key)
         if held is not None:  # a re-send of a call we hold: one more reply subject, same run
             if reply not in held.replies:
                 held.replies.append(reply)
             await self._send(reply, encode(Working(id=call.id)))
             return
-        answered = self.answered.get(call.id)
+        answered = self.answered.get(key)
         if answered is not None:  # a re-send of a call we answered: the same answer again
             self.log.info("call.answered_again", call=call.id, caller=caller)
             await self._send(reply, answered[0])
             return
-        held = self.held[call.id] = _Held(call, caller, reply)
+        held = self.held[key] = _Held(call, caller, reply)
         held.timer = self.loop.call_later(self._beat_of(call) / ACK_FRACTION, self._beat, held)
         self._spawn(self._handle(held))
 
@@ -719,11 +724,12 @@ class _Server:
         return None
 
     def _beat_of(self, call: Call) -> float:
-        return call.heartbeat or self.bus.heartbeat
+        # The caller chooses, within reason: a tiny interval must not turn us into a flood.
+        return max(call.heartbeat or self.bus.heartbeat, MIN_HEARTBEAT)
 
     def _beat(self, held: _Held) -> None:
         """Tell everyone waiting on a held call that it is still being worked on."""
-        if self.held.get(held.call.id) is not held:
+        if self.held.get(held.key) is not held:
             return
         held.timer = self.loop.call_later(self._beat_of(held.call), self._beat, held)
         data = encode(Working(id=held.call.id))
@@ -737,9 +743,9 @@ class _Server:
             return
         if not isinstance(cancel, Cancel):
             return
-        held = self.held.get(cancel.id)
         # Only the caller of a call may withdraw it: the subject names who cancels.
-        if held is None or held.caller != msg.subject.rpartition(".")[2]:
+        held = self.held.get((msg.subject.rpartition(".")[2], cancel.id))
+        if held is None:
             return
         self.log.info("call.cancelled", call=cancel.id, reason=cancel.reason)
         held.cancelled = True
@@ -771,7 +777,7 @@ class _Server:
                 )
             # Remembered before it is let go, with no await between: a re-send finds it in
             # one table or the other, never in neither.
-            self._remember(call, data)
+            self._remember(held, data)
             self._let_go(held)
             for reply in held.replies:
                 await self._send(reply, data)
@@ -783,13 +789,13 @@ class _Server:
     def _let_go(self, held: _Held) -> None:
         if held.timer is not None:
             held.timer.cancel()
-        if self.held.get(held.call.id) is held:
-            del self.held[held.call.id]
+        if self.held.get(held.key) is held:
+            del self.held[held.key]
 
-    def _remember(self, call: Call, data: bytes) -> None:
+    def _remember(self, held: _Held, data: bytes) -> None:
         now = time.time()
-        expires = call.deadline if call.deadline is not None else now + ANSWERED_TTL
-        self.answered[call.id] = (data, expires)
+        deadline = held.call.deadline
+        self.answered[held.key] = (data, deadline if deadline is not None else now + ANSWERED_TTL)
         self.answered_bytes += len(data)
         answered = self.answered
         while answered and (

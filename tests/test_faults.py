@@ -302,6 +302,10 @@ async def test_a_re_sent_call_runs_once_attached_while_running_and_from_cache_af
         assert results == [1, 1]
         assert (await client.send(call)).value == 1  # after it was answered: from the cache
         assert runs == {call.id: 1}
+        # The same id from another caller is another call: never another caller's answer.
+        other = await connect("other")
+        assert (await other.send(call)).value == 2
+        assert runs == {call.id: 2}
         tg.cancel_scope.cancel()
 
 
