@@ -73,8 +73,8 @@ class NatsCluster:
 
     @property
     def url(self) -> str:
-        """All running nodes, comma-separated: what `nats.connect` and `Bus.connect` take."""
-        return ",".join(self.urls)
+        """One running node: a client learns the others from it (and fails over to them)."""
+        return self.urls[0]
 
     def names(self) -> list[str]:
         return [f"n{i + 1}" for i in range(self.size)]

@@ -97,7 +97,9 @@ DEFAULT_TIMEOUT = 30.0  # an operation fails once nothing has moved for this lon
 DEFAULT_READ_LIMIT = 1024 * 1024 * 1024  # the biggest value a reader takes unless told
 RETRY_AFTER = 2.0  # a read or write with no answer for this long asks again
 OPEN_GRACE = 5.0  # how long `open` waits for a store that does not answer yet
+LAG_GRACE = 5.0  # how long a reader on a cluster waits for a replica to catch up
 CLUSTER_REPLICAS = 3
+KV_HISTORY = 8  # revisions kept per variable: a re-sent compare-and-set finds its own write
 
 _NAME = re.compile(r"[A-Za-z0-9_\-/=]+(\.[A-Za-z0-9_\-/=]+)*")
 _WRONG_LAST_SEQUENCE = (10071, 10164)
@@ -292,6 +294,10 @@ class Store:
         self.read_limit = read_limit
         self.admin = admin
         self.bucket = kv_bucket(scope)
+        # On a cluster a direct get may be answered by a replica a little behind the leader:
+        # a Ref held (so committed) or a revision seen is waited for that long, not denied.
+        self.lag = LAG_GRACE if (getattr(nc, "_server_info", None) or {}).get("cluster") else 0.0
+        self._seen: dict[str, int] = {}  # variable -> newest revision this store wrote or read
         self._log = _log.bind(scope=scope)
 
     @classmethod
@@ -394,7 +400,7 @@ class Store:
                 data: bytes | bytearray = part
             hasher.update(data)
         else:
-            data = bytearray(meta.size)
+            data = bytearray()  # sized once the first chunk is really there (not on a claim)
             view = memoryview(data)
             have = bytearray(meta.chunks)
             done = hashed = 0  # chunks in place from the start; bytes hashed
@@ -412,6 +418,10 @@ class Store:
                         tg.start_soon(hash_windows)
                     async with send:
                         async for i, part in self._parts(scope, ref.hex, record, meta):
+                            if not data:
+                                view.release()
+                                data = bytearray(meta.size)
+                                view = memoryview(data)
                             off = i * meta.chunk
                             view[off : off + len(part)] = part
                             have[i] = 1
@@ -536,34 +546,53 @@ class Store:
             await anyio.sleep(random.random() * min(0.0005 * attempt, 0.02))
 
     async def _kv_read(self, key: str) -> tuple[bytes | None, int]:
-        """(value or None when unbound or deleted, the revision to compare against)."""
-        stream = f"KV_{self.bucket}"
-        msg = await self._request(
-            f"$JS.API.DIRECT.GET.{stream}.$KV.{self.bucket}.{key}", b"", what=f"read {key!r}"
-        )
-        headers = msg.headers or {}
-        status = headers.get("Status")
-        if status == "404":
-            return None, 0
-        if status:
-            raise StoreError(f"could not read {key!r}: the store answered status {status}")
-        revision = int(headers.get("Nats-Sequence", 0))
-        if headers.get("KV-Operation") in ("DEL", "PURGE"):
+        """(value or None when unbound or deleted, the revision to compare against); never
+        older than a revision this store already wrote or read (read-your-writes)."""
+        end = time.monotonic() + self.lag
+        while True:
+            msg = await self._request(
+                f"$JS.API.DIRECT.GET.KV_{self.bucket}.$KV.{self.bucket}.{key}",
+                b"",
+                what=f"read {key!r}",
+            )
+            headers = msg.headers or {}
+            status = headers.get("Status")
+            if status and status != "404":
+                raise StoreError(f"could not read {key!r}: the store answered status {status}")
+            revision = 0 if status else int(headers.get("Nats-Sequence", 0))
+            if revision >= self._seen.get(key, 0) or time.monotonic() >= end:
+                break
+            await anyio.sleep(0.05)  # a replica behind the leader answered: ask again
+        self._seen[key] = max(revision, self._seen.get(key, 0))
+        if status or headers.get("KV-Operation") in ("DEL", "PURGE"):
             return None, revision
         return msg.data, revision
 
     async def _kv_write(self, key: str, data: bytes, *, last: int | None) -> int | None:
         """Write a variable; with `last`, only if its revision is still `last` (None: it
         moved on). The message id makes a write re-sent after a lost ack count once."""
-        headers = {"Nats-Msg-Id": uuid.uuid4().hex}
+        write_id = uuid.uuid4().hex
+        headers = {"Nats-Msg-Id": write_id}
         if last is not None:
             headers["Nats-Expected-Last-Subject-Sequence"] = str(last)
-        ack = await self._ack(
-            await self._request(f"$KV.{self.bucket}.{key}", data, headers, what=f"write {key!r}")
-        )
-        if ack is None:
+        subject = f"$KV.{self.bucket}.{key}"
+        msg, resent = await self._send(subject, data, headers, what=f"write {key!r}")
+        ack = await self._ack(msg)
+        if ack is not None:
+            self._seen[key] = max(int(ack["seq"]), self._seen.get(key, 0))
+            return int(ack["seq"])
+        if last is None or not resent:
             return None
-        return int(ack["seq"])
+        # Re-sent and refused: did the first send land (its ack lost)? Then the next
+        # revision after `last` is this very write, and it must not be applied again.
+        after = await self._request(
+            f"$JS.API.DIRECT.GET.KV_{self.bucket}",
+            json.dumps({"seq": last + 1, "next_by_subj": subject}).encode(),
+            what=f"check a write of {key!r}",
+        )
+        if after.headers and after.headers.get("Nats-Msg-Id") == write_id:
+            return int(after.headers.get("Nats-Sequence", 0))
+        return None
 
     async def _var_encode(self, value: Any) -> bytes:
         if not isinstance(value, bytes | bytearray | memoryview):
@@ -613,16 +642,25 @@ class Store:
     async def _request(
         self, subject: str, payload: bytes, headers: dict[str, str] | None = None, *, what: str
     ) -> Msg:
+        return (await self._send(subject, payload, headers, what=what))[0]
+
+    async def _send(
+        self, subject: str, payload: bytes, headers: dict[str, str] | None = None, *, what: str
+    ) -> tuple[Msg, bool]:
         """A request re-sent while the store does not answer (restart, leader election),
-        until `timeout`; then one `StoreUnavailable`."""
+        until `timeout`; then one `StoreUnavailable`. Also says whether it was re-sent (a
+        write may then have landed already, its ack lost)."""
         end = time.monotonic() + self.timeout
+        resent = False
         while True:
             left = end - time.monotonic()
             try:
-                return await self.nc.request(
+                msg = await self.nc.request(
                     subject, payload, timeout=max(0.05, min(RETRY_AFTER, left)), headers=headers
                 )
+                return msg, resent
             except _TRANSIENT as e:
+                resent = True
                 reason = type(e).__name__
                 if isinstance(e, nats.errors.TimeoutError):
                     pass  # the request itself waited
@@ -671,10 +709,14 @@ class Store:
         limit = self.read_limit if limit is None else limit
         if ref.size > limit:
             raise TooLarge(_too_large(ref, ref.size, limit))
-        for scope in dict.fromkeys((ref.scope, "")):
+        end = time.monotonic() + self.lag
+        for scope in dict.fromkeys((ref.scope, self.scope, "")):
             if scope not in (self.scope, ""):
                 continue  # another session's value: not reachable from here
             record = await self._record(scope, ref.hex)
+            while record is None and scope == ref.scope and time.monotonic() < end:
+                await anyio.sleep(0.05)  # a replica behind the leader answered: ask again
+                record = await self._record(scope, ref.hex)
             if record is None:
                 continue
             try:
@@ -772,6 +814,10 @@ class Store:
                     if status in ("204", "404") and in_window:  # end of this batch
                         ask = True
                     elif status in ("204", "404"):
+                        if time.monotonic() - moved < self.lag:  # a replica behind? ask again
+                            await anyio.sleep(0.05)
+                            ask = True
+                            continue
                         break  # nothing more is stored: truncated, said below
                     elif status in ("408", "503"):  # no stream leader yet, server starting
                         await anyio.sleep(0.2)
@@ -951,10 +997,16 @@ class Store:
         (or a re-sent commit of this one: the value is there either way)."""
         subject = f"{_location(scope)}.{hexd}.m"
         headers = {META_HEADER: meta.model_dump_json(), "Nats-Expected-Last-Subject-Sequence": "0"}
-        msg = await self._request(subject, payload, headers, what="record a value")
+        msg, resent = await self._send(subject, payload, headers, what="record a value")
         if msg.headers and msg.headers.get("Status"):
             raise StoreError(f"the store answered a write with status {msg.headers['Status']}")
-        return await self._ack(msg) is not None
+        if await self._ack(msg) is not None:
+            return True
+        if resent:  # is the record there ours, written by the first send (its ack lost)?
+            record = await self._record(scope, hexd)
+            theirs = (record.headers or {}).get(META_HEADER) if record is not None else None
+            return theirs is not None and _Meta.model_validate_json(theirs).upload == meta.upload
+        return False
 
     async def _purge(self, scope: str, subject_filter: str) -> None:
         try:
@@ -1025,7 +1077,7 @@ async def _ensure_stream(js: Any, name: str, location: str, replicas: int) -> No
         else:
             await js.create_key_value(
                 bucket=name.removeprefix("KV_"),
-                history=1,
+                history=KV_HISTORY,
                 storage=StorageType.FILE,
                 direct=True,
                 replicas=replicas,

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import textwrap
+import time
 import tracemalloc
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -24,10 +25,26 @@ from channels.errors import (
     InvalidName,
     NotFound,
     NotProvisioned,
+    PeerError,
+    StoreForbidden,
+    StoreUnavailable,
+    TooLarge,
     UnsupportedValue,
 )
 from channels.messages import Call, Ref
-from channels.store import Store, _location, _Meta, stream_name
+from channels.server import NatsServer, running_server
+from channels.store import (
+    KEPT_STREAM,
+    RETRY_AFTER,
+    Store,
+    _location,
+    _Meta,
+    default_replicas,
+    peer_subjects,
+    stream_name,
+)
+from council.declare import Council, Function
+from council.session import Session
 
 pytestmark = pytest.mark.anyio
 
@@ -501,3 +518,333 @@ async def test_a_failure_with_a_big_partial_result_sends_it_by_ref(connect):
         tg.cancel_scope.cancel()
     assert isinstance(failed.value.partial, Ref)  # nothing is lost: it is in the store
     assert await (await client.store()).get(failed.value.partial) == partial
+
+
+# -- isolation: one stream and bucket per session, peers on data-plane subjects only --------
+
+PEER_PW = "peer-pw"
+
+
+def _user(user: str, publish: list[str], subscribe: list[str]) -> str:
+    return (
+        f"{{user: {json.dumps(user)}, password: {json.dumps(PEER_PW)}, permissions: "
+        f"{{publish: {{allow: {json.dumps(publish)}}}, subscribe: {{allow: {json.dumps(subscribe)}}}}}}}"
+    )
+
+
+def _authorization(*sessions: str) -> str:
+    """The runner may do anything; peer `p` of each session gets `peer_subjects` only (plus
+    its inbox), which is what channels/permissions.py grants for the store."""
+    users = [f'{{user: "admin", password: {json.dumps(PEER_PW)}}}']
+    for s in sessions:
+        publish, subscribe = peer_subjects(s)
+        users.append(_user(f"{s}.p", publish, [*subscribe, f"_INBOX.{s}.p.>"]))
+    return "authorization { users: [\n" + ",\n".join(users) + "\n] }\n"
+
+
+async def _peer(url: str, session: str) -> nats.NATS:
+    return await nats.connect(
+        url, user=f"{session}.p", password=PEER_PW, inbox_prefix=f"_INBOX.{session}.p"
+    )
+
+
+async def _refused(nc: nats.NATS, subject: str, body: bytes = b"") -> None:
+    """The server drops a request outside the user's rights: no answer ever comes."""
+    with pytest.raises(nats.errors.TimeoutError):
+        await nc.request(subject, body, timeout=0.5)
+
+
+async def test_a_peer_reaches_its_own_sessions_store_and_nothing_else():
+    a, b = "sessA", "sessB"
+    with running_server(config_extra=_authorization(a, b)) as server:
+        root = await nats.connect(server.url, user="admin", password=PEER_PW)
+        runner_a = await Store.provision(root, scope=a, chunk_size=SMALL_CHUNK)
+        runner_b = await Store.provision(root, scope=b, chunk_size=SMALL_CHUNK)
+        kept = await runner_a.put("kept for later sessions", keep=True)
+        secret = os.urandom(SMALL_CHUNK * 5)
+        b_ref = await runner_b.put(secret)
+        await runner_b.bind("secret", "b's variable")
+        nc = await _peer(server.url, a)
+        try:
+            peer = await Store.open(nc, scope=a, chunk_size=SMALL_CHUNK, timeout=2)
+            # its own session: the whole data plane, chunked values, variables, CAS
+            value = os.urandom(SMALL_CHUNK * 7 + 1)
+            ref = await peer.put(value)
+            assert await peer.get(ref) == value and await runner_a.get(ref) == value
+            assert b"".join([p async for p in peer.stream(ref)]) == value
+            await peer.bind("n", 1)
+            assert await peer.update("n", lambda n: n + 1) == 2 and await peer.lookup("n") == 2
+            assert await peer.get(kept) == "kept for later sessions"  # kept values: read only
+
+            # another session: not by Ref, not by sequence, not by key, not by opening it
+            with pytest.raises(NotFound):
+                await peer.get(b_ref)
+            with pytest.raises(NotProvisioned):
+                await Store.open(nc, scope=b, timeout=1)
+            b_stream = stream_name(b)
+            for seq in (1, 2, 6):
+                await _refused(
+                    nc, f"$JS.API.DIRECT.GET.{b_stream}", json.dumps({"seq": seq}).encode()
+                )
+            await _refused(nc, f"$JS.API.DIRECT.GET.{b_stream}.{_location(b)}.{b_ref.hex}.m")
+            await _refused(nc, f"$JS.API.DIRECT.GET.KV_cvars_{b}.$KV.cvars_{b}.secret")
+            await _refused(nc, f"$KV.cvars_{b}.secret", b'{"v": "overwritten"}')
+            await _refused(nc, f"{_location(b)}.{b_ref.hex}.m", b"forged")
+
+            # no management, even of its own session; no kept values
+            for api in (
+                f"STREAM.DELETE.{stream_name(a)}",
+                f"STREAM.PURGE.{stream_name(a)}",
+                f"STREAM.INFO.{stream_name(a)}",
+                f"STREAM.UPDATE.{stream_name(a)}",
+                f"STREAM.DELETE.KV_cvars_{a}",
+                f"STREAM.PURGE.{KEPT_STREAM}",
+                "STREAM.CREATE.CAPTURE",
+                "STREAM.LIST",
+                f"CONSUMER.CREATE.{stream_name(b)}",
+                "INFO",
+            ):
+                await _refused(nc, f"$JS.API.{api}", b"{}")
+            await _refused(nc, f"{_location('')}.{'0' * 64}.m", b"forged kept value")
+            with pytest.raises(StoreForbidden):
+                await peer.put("keep me", keep=True)
+            for admin_only in (peer.drop(), peer.delete(ref)):
+                with pytest.raises(StoreForbidden):
+                    await admin_only
+
+            # everything is where it was
+            assert await runner_b.get(b_ref) == secret
+            assert await runner_b.lookup("secret") == "b's variable"
+            assert await runner_a.get(ref) == value and await runner_a.lookup("n") == 2
+            js = root.jetstream()
+            assert (await js.stream_info(KEPT_STREAM)).state.messages == 1
+            names = {i.config.name for i in await js.streams_info()}
+            assert "CAPTURE" not in names
+        finally:
+            await nc.close()
+            await root.close()
+
+
+# -- forged Refs: the size is the store's, reads are bounded by the reader -----------------
+
+GiB = 1024**3
+
+
+async def test_a_forged_oversize_ref_allocates_nothing(admin, store, nc):
+    real = await store.put("a small honest value")
+    claim = int(1.5 * GiB)
+    # a peer may write records in its own session: one that claims 1.5 GiB of chunks it never stored
+    hexd = hashlib.sha256(b"forged").hexdigest()
+    chunk = 512 * 1024
+    meta = _Meta(
+        size=claim, kind="bytes", chunks=-(-claim // chunk), chunk=chunk, first=1, last=10**9,
+        upload="f0rged",
+    )  # fmt: skip
+    await nc.jetstream().publish(
+        f"{_location(store.scope)}.{hexd}.m",
+        b"\0" * 32,
+        headers={"Council-Meta": meta.model_dump_json()},
+    )
+    forged = Ref.model_validate({"$ref": f"sha256:{hexd}", "size": claim, "kind": "bytes"})
+    inflated = real.model_copy(update={"size": claim})  # a real digest, a lying size
+
+    tracemalloc.start()
+    try:
+        for ref in (forged, inflated):
+            with pytest.raises(TooLarge, match="over this reader's limit"):
+                await store.get(ref)  # the default limit is under 1.5 GiB
+        with pytest.raises(TooLarge):
+            await store.get(real, limit=5)
+        with pytest.raises(IntegrityError, match="the Ref says"):  # limit allows: size differs
+            await store.get(inflated, limit=2 * GiB)
+        with pytest.raises(IntegrityError, match="truncated"):  # limit allows: no chunks there
+            await store.read_bytes(forged, limit=2 * GiB)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 1024 * 1024, f"reading forged Refs peaked at {peak / 1e6:.0f} MB"
+    assert await store.get(real) == "a small honest value"
+
+
+# -- compare-and-set under retries ---------------------------------------------------------
+
+
+async def test_a_re_sent_compare_and_set_write_counts_once(store, nc):
+    """A compare-and-set write whose ack is lost is re-sent; the server then refuses it
+    (the revision moved: by this very write). `update` must see that the write landed and
+    not apply `fn` a second time. Here the first send is swallowed after it reached the
+    server (its reply inbox unsubscribed), as a restart between store and ack would do."""
+    await store.bind("count", 0)
+    real = nc.request
+    lost = 0
+
+    async def ack_lost_once(subject, payload=b"", timeout=None, headers=None, **kw):
+        nonlocal lost
+        if (
+            subject.startswith("$KV.")
+            and headers
+            and "Nats-Expected-Last-Subject-Sequence" in headers
+            and not lost
+        ):
+            lost += 1
+            await nc.publish(subject, payload, headers=headers)  # lands, no one hears the ack
+            await nc.flush()
+            raise nats.errors.TimeoutError
+        return await real(subject, payload, timeout=timeout, headers=headers, **kw)
+
+    nc.request = ack_lost_once
+    calls = 0
+
+    def bump(n: int) -> int:
+        nonlocal calls
+        calls += 1
+        return n + 1
+
+    try:
+        assert await store.update("count", bump) == 1
+    finally:
+        del nc.request
+    assert lost == 1 and calls == 1
+    assert await store.lookup("count") == 1  # written once, not twice
+    assert await store.update("count", lambda n: n + 1) == 2
+
+
+# -- faults: a transfer cut by a server restart resumes, or fails typed --------------------
+
+MB = 1024 * 1024
+DEADLINE = 20.0  # the store's timeout: no progress for this long is a StoreUnavailable
+
+
+def _kill_and_start(server: NatsServer) -> None:
+    """SIGKILL, then the same binary on the same port and store: a crashed server back."""
+    proc, server.process = server.process, None
+    assert proc is not None
+    proc.kill()
+    proc.wait()
+    server.start()
+
+
+async def _reconnecting(url: str) -> nats.NATS:
+    return await nats.connect(url, reconnect_time_wait=0.1, max_reconnect_attempts=-1)
+
+
+async def test_a_40mb_put_and_get_cut_by_a_restart_resume(own_server, session_id):
+    nc = await _reconnecting(own_server.url)
+    await Store.provision(nc, scope=session_id)
+    store = await Store.open(nc, scope=session_id, timeout=DEADLINE)
+    value = os.urandom(40 * MB)
+    real = nc.publish
+    cut_at: dict[str, int] = {}
+    sent: dict[str, int] = {"chunk": 0, "window": 0}
+
+    async def cutting(subject, payload=b"", reply="", headers=None):
+        await real(subject, payload, reply=reply, headers=headers)
+        kind = "chunk" if ".d." in subject else "window" if "DIRECT.GET" in subject else ""
+        if kind:
+            sent[kind] += 1
+            if sent[kind] == cut_at.get(kind):
+                _kill_and_start(own_server)  # mid-transfer: some chunks acked, some not
+
+    nc.publish = cutting
+    try:
+        cut_at["chunk"] = 30  # of 80
+        started = time.monotonic()
+        ref = await store.put(value)
+        put_s = time.monotonic() - started
+        assert sent["chunk"] > 80  # unacknowledged chunks were sent again
+        cut_at["window"] = 2  # of 3 read windows (16 MiB each)
+        started = time.monotonic()
+        back = await store.read_bytes(ref)
+        get_s = time.monotonic() - started
+    finally:
+        del nc.publish
+    assert back == value
+    assert put_s < DEADLINE and get_s < DEADLINE, (put_s, get_s)
+    # and one more cut, mid-stream: the chunks already yielded are not yielded again
+    got = bytearray()
+    async for part in store.stream(ref):
+        got += part
+        if len(got) == 10 * store.chunk_size:
+            _kill_and_start(own_server)
+    assert got == value
+    await nc.close()
+
+
+async def test_a_transfer_that_cannot_resume_fails_typed_within_its_deadline(
+    own_server, session_id
+):
+    """The server goes and stays gone: a put and a get raise StoreUnavailable (a StoreError,
+    never an ExceptionGroup) once nothing moved for the store's timeout, and the message
+    says what happened without advising to delete anything."""
+    nc = await _reconnecting(own_server.url)
+    await Store.provision(nc, scope=session_id)
+    store = await Store.open(nc, scope=session_id, timeout=3)
+    ref = await store.put(os.urandom(20 * MB))
+    own_server.stop()
+    try:
+        for attempt in (store.put(os.urandom(20 * MB)), store.read_bytes(ref), store.lookup("x")):
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable) as failed:
+                await attempt
+            assert time.monotonic() - started < 3 + RETRY_AFTER + 5
+            assert "retry" in str(failed.value) and "delete" not in str(failed.value).lower()
+    finally:
+        own_server.start()
+    await store.put("and once it is back, the store works again")
+    await nc.close()
+
+
+async def test_a_store_failure_reaches_a_remote_caller_readably(connect, nats_server, session_id):
+    reader, client = await connect("reader"), await connect("client")
+    ref = await (await client.store()).put(os.urandom(2 * MB))
+
+    async def read(call: Call):
+        store = await Store.open(reader.nc, scope=session_id, timeout=1)
+        runner = await Store.provision(reader.nc, scope=session_id)  # the test plays the runner:
+        await runner.drop()  # the session's stream goes away under the reader
+        return len(await store.read_bytes(call.context))
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(reader.serve, "reader", read)
+        with pytest.raises(PeerError) as failed:
+            await client.call("reader", "size?", context=ref, timeout=30)
+        tg.cancel_scope.cancel()
+    message = str(failed.value)
+    assert "StoreUnavailable" in message and "did not answer within 1" in message
+    assert "ExceptionGroup" not in message and "delete" not in message.lower()
+
+
+async def test_replicas_default_to_one_on_a_single_server(nc):
+    assert default_replicas(nc) == 1
+
+
+# -- a replicated store on a 3-node cluster ------------------------------------------------
+
+
+def shout(prompt: str, context: str) -> str:
+    """Reads its context from the store (a Ref) and answers with a value too big for a
+    message, which the bus puts in the store: a read and a write per call."""
+    return prompt + context.upper() * 4
+
+
+async def test_losing_the_store_leader_loses_nothing(cluster):
+    council = Council(entry="shout", peers=[Function(shout)])
+    async with Session(council, nats_url=cluster.url, store_replicas=3) as session:
+        js = session.client.nc.jetstream()
+        info = await js.stream_info(stream_name(session.session))
+        assert info.config.num_replicas == 3 and len(info.cluster.replicas) == 2
+        leader = info.cluster.leader
+        refs: list[Ref] = []
+        for i in range(6):
+            if i == 3:
+                cluster.kill(cluster.names().index(leader))
+            doc = f"document {i} " + "x" * 300_000  # over the inline limit: sent as a Ref
+            result = await session.ask("shout", context=doc, timeout=60)
+            assert result.value == "shout" + doc.upper() * 4
+            refs.append(await session.store.put(f"value {i} " + "y" * 600_000))
+            await session.store.update("asked", lambda n: n + 1, default=0)
+        assert await session.store.lookup("asked") == 6
+        for i, ref in enumerate(refs):
+            assert await session.store.get(ref) == f"value {i} " + "y" * 600_000
+        after = await js.stream_info(stream_name(session.session))
+        assert after.cluster.leader != leader
