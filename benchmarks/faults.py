@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from importlib.metadata import version
 from pathlib import Path
 
@@ -65,7 +66,8 @@ class Pool:
     """`n` processes serving `peer` (one queue group)."""
 
     def __init__(self, url: str, session: str, peer: str, n: int, tmp: Path):
-        self.ready = [tmp / f"{session}-{peer}-{k}.ready" for k in range(n)]
+        run = uuid.uuid4().hex[:8]  # a pool per run: never an earlier run's ready file
+        self.ready = [tmp / f"{session}-{peer}-{run}-{k}.ready" for k in range(n)]
         self.procs = [
             spawn_tied(
                 [sys.executable, "-c", PEER, url, session, peer, str(r)], r.with_suffix(".log")
@@ -198,7 +200,7 @@ async def main(a: argparse.Namespace) -> dict:
                 f"({fig['scale_out_3_over_1']:.2f}x; {os.cpu_count()} cores)"
             )
     ratio = await bus_bench.main(a.seq, a.in_flight, a.rounds)
-    fig.update({f"bus_{k}": v for k, v in ratio.items()})
+    fig.update(ratio)  # bus_* and raw_* figures, and their ratios
     fig = {k: round(v, 4) if isinstance(v, float) else v for k, v in fig.items()}
     fig["heartbeat_default_s"] = HEARTBEAT
     fig["cores"] = os.cpu_count()
