@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import json
+from functools import partial
 from pathlib import Path
 
 import anyio
@@ -10,11 +12,13 @@ import pytest
 
 from agents.human import (
     AlreadyAnswered,
+    Answer,
     Final,
     HumanDesk,
     HumanPeer,
     ScriptedHuman,
     TerminalHuman,
+    bucket_name,
     provision,
     send_final,
 )
@@ -230,3 +234,142 @@ async def test_council_human_joins_late_from_another_process(tmp_path, clean_env
         assert got["answer"] == "ship it"
         assert b"question from admin: Ship it?" in shown
         assert b"context: release notes v2" in shown
+
+
+@pytest.fixture
+def human_logs(monkeypatch):
+    """What agents.human logs during the test (structlog's own capture)."""
+    import structlog
+
+    import agents.human
+
+    with structlog.testing.capture_logs() as logs:
+        # a fresh logger: the module's own may be cached with the normal processors
+        monkeypatch.setattr(agents.human, "_log", structlog.get_logger("council.human"))
+        yield logs
+
+
+async def _admin_put(bus, key: str, data: bytes) -> None:
+    """Write into ada's bucket as something other than council would (the runner's rights)."""
+    await bus.nc.jetstream().publish(f"$KV.{bucket_name(bus.session, 'ada')}.{key}", data)
+
+
+async def test_a_malformed_answer_is_skipped_with_a_warning_and_the_question_waits(
+    connect, human_logs
+):
+    peer_bus, chair = await connect("ada"), await connect("chair")
+    await provision(chair, ["ada"])
+    got: dict = {}
+    async with anyio.create_task_group() as tg:
+        await tg.start(HumanPeer("ada").run, peer_bus)
+        tg.start_soon(partial(_ask, chair, "ada", "Ship it?", None, got, timeout=30))
+        desk = HumanDesk(chair, "ada")
+        with anyio.fail_after(10):
+            while not (pending := await desk.pending()):
+                await anyio.sleep(0.05)
+        [q] = pending
+        await _admin_put(chair, f"a.{q.id}", b"{not json")
+        with anyio.fail_after(10):
+            while not any(e["event"] == "human.entry_skipped" for e in human_logs):
+                await anyio.sleep(0.05)
+        assert "answer" not in got  # not taken for an answer, and the peer did not fail
+        await _admin_put(chair, f"a.{q.id}", Answer(id=q.id, text="yes").model_dump_json().encode())
+        with anyio.fail_after(10):
+            while "answer" not in got:
+                await anyio.sleep(0.02)
+        assert got["answer"] == "yes"
+        tg.cancel_scope.cancel()
+    [warning] = [e for e in human_logs if e["event"] == "human.entry_skipped"]
+    assert warning["key"] == f"a.{q.id}" and warning["log_level"] == "warning"
+
+
+async def test_malformed_questions_and_finals_are_skipped_by_an_endpoint(connect):
+    peer_bus, chair = await connect("ada"), await connect("chair")
+    await provision(chair, ["ada"])
+    await _admin_put(chair, "q.bogus", b'{"id": "bogus"}')  # a question without its fields
+    await _admin_put(chair, "q.binary", b"\xff\xfe")
+    await _admin_put(chair, "f.bogus", b"[]")
+    stdin, stdout = io.StringIO("forty-two\n"), io.StringIO()
+    got: dict = {}
+    async with anyio.create_task_group() as tg:
+        await tg.start(HumanPeer("ada").run, peer_bus)
+        await tg.start(TerminalHuman("ada", stdin=stdin, stdout=stdout).run, await connect("t"))
+        await _ask(chair, "ada", "What is the answer?", None, got, timeout=20)
+        await send_final(chair, "ada", Final(id="c1", prompt="p", value="it was 42"))
+        with anyio.fail_after(10):
+            while "final answer: it was 42" not in stdout.getvalue():
+                await anyio.sleep(0.02)
+        tg.cancel_scope.cancel()
+    assert got["answer"] == "forty-two"
+    assert [q.prompt for q in await HumanDesk(chair, "ada").pending()] == []
+
+
+async def test_council_run_hands_the_human_a_credential_file_not_a_password(tmp_path, clean_env):
+    """`council run` says how the person joins without printing any password; the command
+    it prints works, from another process, on the endpoint's own credential file."""
+    import re
+    import sys
+
+    src = tmp_path / "ask.py"
+    src.write_text(
+        "from council.declare import Council, Human\n"
+        "council = Council(entry='ada', peers=[Human('ada')])\n"
+    )
+    env = {**clean_env, "COUNCIL_LOG_LEVEL": "error", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "council.cli"]
+    run = await anyio.open_process(
+        [*cmd, "run", f"{src}:council", "--prompt", "Ship it?", "--no-human", "--no-record"],
+        env=env,
+        cwd=tmp_path,
+    )
+    err = b""
+    try:
+        with anyio.fail_after(60):
+            async for chunk in run.stderr:
+                err += chunk
+                if b"answers with:" in err and err.endswith(b"\n"):
+                    break
+        line = next(x for x in err.decode().splitlines() if "answers with:" in x)
+        join = line.split("answers with: ", 1)[1].split()
+        assert join[:2] == ["council", "human"] and "--rights" in join
+        cred = Path(join[join.index("--rights") + 1])
+        password = _check_cred_file(cred)
+        assert password not in err.decode() and "NATS_PASSWORD" not in err.decode()
+        human = await anyio.open_process([*cmd, *join[1:]], env=env, cwd=tmp_path)
+        try:
+            await human.stdin.send(b"ship it\n")
+            out = b""
+            with anyio.move_on_after(30):
+                async for chunk in run.stdout:
+                    out += chunk
+                    if b"ship it" in out:
+                        break
+            if not re.search(rb"^ship it$", out, re.M):  # show why the endpoint failed
+                if human.returncode is None:
+                    human.terminate()
+                await human.wait()
+                raise AssertionError((out, await human.stderr.receive(100_000)))
+        finally:
+            if human.returncode is None:
+                human.terminate()
+            await human.wait()
+        with anyio.fail_after(30):
+            await run.wait()
+        assert run.returncode == 0
+        assert not await anyio.Path(cred.parent).exists()  # the session's end removes it
+    finally:
+        if run.returncode is None:
+            run.terminate()
+            await run.wait()
+
+
+def _check_cred_file(cred: Path) -> str:
+    """The endpoint's file is private, alone with the public parts, and holds its password."""
+    assert cred.stat().st_mode & 0o777 == 0o600
+    assert cred.parent.stat().st_mode & 0o777 == 0o700
+    assert sorted(p.name for p in cred.parent.iterdir()) == [
+        "ada-desk.cred.json",
+        "nats.conf",
+        "rights.json",
+    ]
+    return json.loads(cred.read_text())["password"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import pytest
 
 from agents.human import ScriptedHuman
 from channels import permissions
+from channels.bus import Bus
 from channels.errors import PeerError, PermissionDenied
 from channels.server import running_server
 from council.cli import main
@@ -172,15 +174,28 @@ async def test_three_processes_give_the_same_answer_as_one(
         in_process = (await s.ask(DRAFT, timeout=30)).value
 
     # An external server, configured as the README says: `council rights` prints the users
-    # block for the server's config and writes the credentials each process connects with.
-    creds = tmp_path / "rights.json"
+    # block for the server's config (hashes only) and writes one credential file per user;
+    # each machine gets rights.json and the credential files of the peers it runs, no more.
+    creds = tmp_path / "rights"
     assert (
         main(["rights", f"{council_file}:council", "--session", session_id, "--out", str(creds)])
         == 0
     )
     block = capsys.readouterr().out
-    assert oct(creds.stat().st_mode & 0o777) == "0o600"
-    rights = permissions.Rights.model_validate_json(creds.read_text())
+    assert oct(creds.stat().st_mode & 0o777) == "0o700"
+    assert {oct(f.stat().st_mode & 0o777) for f in creds.iterdir()} == {"0o600"}
+    full = permissions.Rights.load(creds)
+    assert all(full.credentials(n)[1] not in block for n in ("admin", "critic_a", "ada"))
+
+    def machine(*names: str) -> Path:
+        d = tmp_path / "-".join(names)
+        d.mkdir(mode=0o700)
+        for f in ["rights.json", *(permissions.cred_file_name(n) for n in names)]:
+            shutil.copy(creds / f, d / f)
+        return d
+
+    rights = permissions.Rights.load(machine("admin", "chair", "ada", "ada-desk"))
+    assert not rights.holds("critic_a")
     with running_server(config_extra=block) as server:
         procs = [
             subprocess.Popen(  # noqa: ASYNC220 (started once, before any awaiting)
@@ -197,7 +212,7 @@ async def test_three_processes_give_the_same_answer_as_one(
                     "--session",
                     session_id,
                     "--rights",
-                    str(creds),
+                    str(machine(name)),
                 ],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -223,8 +238,17 @@ async def test_three_processes_give_the_same_answer_as_one(
                 across = (await s.ask(DRAFT, timeout=30)).value
                 # The server holds the remote peers to their edges too.
                 with pytest.raises(PermissionDenied):
-                    bus = await s.connect("critic_a")
-                    await bus.call("critic_b", "x", timeout=30)
+                    bus = await Bus.connect(
+                        server.url,
+                        session=session_id,
+                        name="critic_a",
+                        user=full.credentials("critic_a")[0],
+                        password=full.credentials("critic_a")[1],
+                    )
+                    try:
+                        await bus.call("critic_b", "x", timeout=30)
+                    finally:
+                        await bus.close()
         finally:
             for p in procs:
                 p.send_signal(signal.SIGTERM)
