@@ -193,6 +193,86 @@ async def test_one_of_three_processes_killed_mid_fan_out_every_call_answered_onc
     print(f"held by the killed process: {len(held_when_killed)}, ran twice: {len(twice)}")
 
 
+POOL_COUNCIL = r"""
+import os, time
+from council import Council, Function
+
+def pool(i: int, sleep: float = 0.0) -> dict:
+    log = os.path.join(os.environ["POOL_LOGS"], f"{os.getpid()}.log")
+    with open(log, "a") as f:
+        f.write(f"start {i}\n")
+    time.sleep(sleep)
+    with open(log, "a") as f:
+        f.write(f"done {i}\n")
+    return {"i": i, "pid": os.getpid()}
+
+council = Council(entry="pool", peers=[Function(pool)])
+"""
+
+
+async def test_council_serve_three_times_one_killed_mid_fan_out_all_answered_once(
+    tmp_path, nats_server, session_id, monkeypatch
+):
+    """The same, through the CLI: `council serve` the same peer 3 times, SIGKILL one."""
+    (tmp_path / "pool_council.py").write_text(POOL_COUNCIL)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    monkeypatch.setenv("POOL_LOGS", str(logs))
+    argv = [sys.executable, "-m", "council.cli", "serve", f"{tmp_path}/pool_council.py:council"]
+    argv += ["--peer", "pool", "--nats", nats_server.url, "--session", session_id]
+    outs = [tmp_path / f"serve-{k}.out" for k in range(3)]
+    procs = [spawn_tied(argv, out) for out in outs]
+    client = await Bus.connect(nats_server.url, session=session_id, name="client", heartbeat=1.0)
+    n = 300
+    answers: dict[int, dict] = {}
+    failures: list[CallFailed] = []
+
+    def done(pid: int) -> list[int]:
+        text = _read(logs / f"{pid}.log").decode()
+        return [int(x.split()[1]) for x in text.splitlines() if x.startswith("done ")]
+
+    async def one(i: int) -> None:
+        try:
+            answers[i] = (await client.call("pool", args={"i": i, "sleep": 0.3}, timeout=120)).value
+        except CallFailed as e:
+            failures.append(e)
+
+    try:
+        with anyio.fail_after(60):
+            while not all(b"serving 'pool'" in _read(out) for out in outs):
+                assert all(p.poll() is None for p in procs), [_read(o)[-500:] for o in outs]
+                await anyio.sleep(0.05)
+        async with anyio.create_task_group() as tg:
+            for i in range(n):
+                tg.start_soon(one, i)
+            with anyio.fail_after(60):
+                while len(done(procs[0].pid)) < 5:
+                    await anyio.sleep(0.01)
+            procs[0].send_signal(signal.SIGKILL)
+            procs[0].wait()
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            p.wait(10)
+        await client.close()
+    assert not failures, failures[:3]
+    assert sorted(answers) == list(range(n))
+    pids = [p.pid for p in procs]
+    moved = {i for i in range(n) if answers[i]["pid"] != pids[0]} & (
+        set(
+            int(x.split()[1])
+            for x in _read(logs / f"{pids[0]}.log").decode().splitlines()
+            if x.startswith("start ")
+        )
+    )
+    assert moved, "the killed process held no call when it died: nothing moved"
+    survivors = Counter(done(pids[1])) + Counter(done(pids[2]))
+    assert max(survivors.values()) == 1, "a live process ran a call twice"
+    assert all(answers[i]["pid"] in pids[1:] for i in moved)
+
+
 async def test_server_sigkilled_and_restarted_with_calls_in_flight_and_in_the_blind_window(
     tmp_path, own_server, session_id
 ):
