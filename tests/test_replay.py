@@ -8,10 +8,12 @@ import pytest
 from channels.bus import Bus
 from channels.errors import BadRequest, BudgetExhausted, CallTimeout
 from channels.messages import Call, Reply, Usage
+from channels.store import Store
 from council.cassette import Cassette, CassetteError
 from council.record import Recorder
 from council.replay import Replayer, ReplayMismatch, UnusedRecordings, request_digest, request_of
 from council.trace import build
+from tests.conftest import provision_store
 from tests.test_record import PARTS, record_council, run_council
 
 pytestmark = pytest.mark.anyio
@@ -275,9 +277,10 @@ async def test_refs_and_spilled_replies_replay_after_the_store_is_gone(
             tg.cancel_scope.cancel()
     assert rec.summary.refs_saved == 2 and rec.summary.missing_refs == 0
     assert path.stat().st_size < 20_000  # the big value lives in the blobs folder, once
-    await (await client.store()).drop()  # the session is over: its data is gone
+    await (await Store.provision(client.nc, scope=session_id)).drop()  # the session is over
 
     replayer = Replayer(path, ["llm"])
+    await provision_store(nats_server.url, "refs2")  # what the runner does before peers start
     async with replayer.serving(nats_server.url, "refs2"):
         agent = await Bus.connect(nats_server.url, session="refs2", name="agent")
         assert (await agent.call("llm", "big")).value == big

@@ -11,6 +11,7 @@ import time
 import tracemalloc
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from pathlib import Path
 
 import anyio
 import nats
@@ -828,23 +829,71 @@ def shout(prompt: str, context: str) -> str:
 
 
 async def test_losing_the_store_leader_loses_nothing(cluster):
+    """SIGKILL the node holding the store's stream leader while the runner writes and reads
+    40 MB values, between calls that read and write the store: nothing is lost and the
+    session goes on (calls, values, variables) on the two nodes left."""
     council = Council(entry="shout", peers=[Function(shout)])
-    async with Session(council, nats_url=cluster.url, store_replicas=3) as session:
+    async with Session(council, nats_url=cluster.url) as session:
+        assert default_replicas(session.client.nc) == 3  # asked the server: a cluster of 3
         js = session.client.nc.jetstream()
         info = await js.stream_info(stream_name(session.session))
         assert info.config.num_replicas == 3 and len(info.cluster.replicas) == 2
         leader = info.cluster.leader
+        store = session.store
         refs: list[Ref] = []
+        old, new = os.urandom(40 * MB), os.urandom(40 * MB)
+        big = await store.put(old)
         for i in range(6):
             if i == 3:
-                cluster.kill(cluster.names().index(leader))
+                back: list[bytes] = []
+                written: list[Ref] = []
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(_into, back, store.read_bytes(big))
+                    tg.start_soon(_into, written, store.put(new))
+                    await anyio.sleep(0.05)
+                    assert not written  # 40 MB on three nodes: still going
+                    cluster.kill(cluster.names().index(leader))
+                assert back == [old] and await store.read_bytes(written[0]) == new
             doc = f"document {i} " + "x" * 300_000  # over the inline limit: sent as a Ref
             result = await session.ask("shout", context=doc, timeout=60)
             assert result.value == "shout" + doc.upper() * 4
-            refs.append(await session.store.put(f"value {i} " + "y" * 600_000))
-            await session.store.update("asked", lambda n: n + 1, default=0)
-        assert await session.store.lookup("asked") == 6
+            refs.append(await store.put(f"value {i} " + "y" * 600_000))
+            await store.update("asked", lambda n: n + 1, default=0)
+        assert await store.lookup("asked") == 6
         for i, ref in enumerate(refs):
-            assert await session.store.get(ref) == f"value {i} " + "y" * 600_000
+            assert await store.get(ref) == f"value {i} " + "y" * 600_000
         after = await js.stream_info(stream_name(session.session))
-        assert after.cluster.leader != leader
+        assert after.cluster.leader not in (None, leader)
+
+
+async def _into(out: list, work) -> None:
+    out.append(await work)
+
+
+CLI_COUNCIL = """
+from council.declare import Council, Function
+
+def echo(prompt: str) -> str:
+    return prompt
+
+council = Council(entry="echo", peers=[Function(echo)])
+"""
+
+
+async def test_council_run_takes_the_replica_count(cluster, tmp_path, clean_env):
+    path = tmp_path / "echo_council.py"
+    path.write_text(CLI_COUNCIL)
+    council_cli = Path(sys.executable).parent / "council"
+    cmd = [
+        str(council_cli), "--log-level", "info", "run", f"{path}:council", "--nats", cluster.url,
+        "--replicas", "2", "--no-record", "--prompt", "hello", "--json",
+    ]  # fmt: skip
+    with anyio.fail_after(120):
+        done = await anyio.run_process(cmd, env=clean_env, check=False)
+    err = done.stderr.decode(errors="replace")
+    assert done.returncode == 0, err[-2000:]
+    assert json.loads(done.stdout)["value"] == "hello"
+    events = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    assert {"event": "store.provisioned", "replicas": 2}.items() <= next(
+        e for e in events if e["event"] == "store.provisioned"
+    ).items()
