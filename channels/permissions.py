@@ -212,9 +212,6 @@ class Rights(BaseModel):
         """Rights from a directory `write` made (with whichever credential files it holds),
         or from `rights.json` plus the credential files named after it."""
         p = Path(path)
-        if p.is_file() and p.name != RIGHTS_FILE:
-            cred = _read_model(Credential, p)
-            return cls.load(p.parent).with_credentials([cred])
         d = p if p.is_dir() else p.parent
         public = d / RIGHTS_FILE
         if not public.is_file():
@@ -222,6 +219,8 @@ class Rights(BaseModel):
                 f"{d} has no {RIGHTS_FILE}; write the rights with `council rights --out {d}`"
             )
         rights = _read_model(cls, public)
+        if p.is_file() and p.name != RIGHTS_FILE:  # one credential file: that login only
+            return rights.with_credentials([_read_model(Credential, p)])
         return rights.with_credentials(
             _read_model(Credential, f) for f in sorted(d.glob(f"*{CRED_SUFFIX}"))
         )

@@ -13,7 +13,7 @@ import pytest
 from agents.function import Peers
 from channels import permissions, subjects
 from channels.bus import Bus
-from channels.errors import PermissionDenied, Unavailable
+from channels.errors import CouncilError, PermissionDenied, Unavailable
 from channels.natsio import settle
 from channels.server import embedded_server
 from channels.store import peer_subjects
@@ -253,3 +253,34 @@ async def test_the_store_works_under_rights_both_ways():
         assert isinstance(big.value, str) and len(big.value) == 2_000_000
         measured = await s.ask("", context="y" * 600_000, timeout=60)  # travels as a Ref
         assert measured.value == 600_000
+
+
+def test_rights_files_hold_each_secret_once_and_only_for_its_owner(tmp_path):
+    """`Rights.write` gives the server its part (hashes only) and each user a private file;
+    loading takes only what a machine was given and refuses a file of another run."""
+    council = Council(entry="relay", peers=[Function(relay, calls=["echo"]), Function(echo)])
+    r = permissions.rights("w1", council.edges(), serves=council.serves())
+    out = tmp_path / "rights"
+    written = r.write(out)
+    assert out.stat().st_mode & 0o777 == 0o700
+    assert {p.stat().st_mode & 0o777 for p in written} == {0o600}
+    public = (out / "nats.conf").read_text() + (out / "rights.json").read_text()
+    for peer in ("admin", "relay", "echo"):
+        secret = r.credentials(peer)[1]
+        assert secret not in public
+        holders = [p.name for p in out.iterdir() if secret in p.read_text()]
+        assert holders == [permissions.cred_file_name(peer)]
+    assert permissions.Rights.load(out).credentials("relay") == r.credentials("relay")
+    # One machine, one file: it holds that user's login and nobody else's.
+    only = permissions.Rights.load(out / permissions.cred_file_name("echo"))
+    assert only.credentials("echo") == r.credentials("echo") and not only.holds("relay")
+    with pytest.raises(CouncilError, match=r"no credentials for 'relay'.*relay\.cred\.json"):
+        only.credentials("relay")
+    # A credential file from another `council rights` run does not pass for this one.
+    other = permissions.rights("w1", council.edges(), serves=council.serves())
+    other.write(tmp_path / "other")
+    (out / "relay.cred.json").write_text((tmp_path / "other" / "relay.cred.json").read_text())
+    with pytest.raises(CouncilError, match="different `council rights` runs"):
+        permissions.Rights.load(out)
+    # Secrets are never part of the rights' own serialization.
+    assert r.credentials("echo")[1] not in r.model_dump_json()
