@@ -411,3 +411,63 @@ async def test_a_stolen_config_grants_nothing_even_to_raw_nats():
             user, password = r.credentials(u.peer)
             nc = await nats.connect(server.url, user=user, password=password)
             await nc.close()
+
+
+_SECRETS: dict[str, str] = {}
+
+
+def inspect(text: str) -> list[str]:
+    """A function peer (it runs in the test's process) that looks, while the REPL worker
+    that called it is alive, for any password of the session in every descendant process's
+    argv and environment and in the session's temporary files."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    from council.session import children
+
+    pids, todo = set(), [os.getpid()]
+    while todo:
+        for child in children(todo.pop()):
+            if child not in pids:
+                pids.add(child)
+                todo.append(child)
+    found = [f"{len(pids)} processes"]
+    for pid in pids:
+        for part in ("cmdline", "environ"):
+            try:
+                data = Path(f"/proc/{pid}/{part}").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            found += [f"{peer} in {pid}/{part}" for peer, pw in _SECRETS.items() if pw in data]
+    for d in Path(tempfile.gettempdir()).glob("council-*"):
+        for f in d.rglob("*") if d.is_dir() else []:
+            if f.is_file() and f.stat().st_size < 1_000_000 and f.stat().st_mtime > START[0]:
+                data = f.read_text(errors="replace")
+                found += [f"{peer} in {f}" for peer, pw in _SECRETS.items() if pw in data]
+    return found
+
+
+START = [0.0]
+LOOK = "```python\nFINAL(inspect('now'))\n```"
+
+
+async def test_no_password_in_any_argv_environment_or_session_file():
+    """With a REPL worker alive, none of the session's passwords appears in the argv or
+    environment of any process the session started (server, worker) or in its files."""
+    import time
+
+    START[0] = time.time() - 1
+    c = Council(
+        entry="chair",
+        peers=[Agent("chair", model="scripted", calls=["inspect"]), Function(inspect)],
+    )
+    async with Session(c, models={"scripted": ScriptedModel([LOOK])}) as s:
+        assert s.rights is not None
+        for peer in [permissions.ADMIN, *s.rights.users]:
+            _SECRETS[peer] = s.rights.credentials(peer)[1]
+        found = (await s.ask("look", timeout=60)).value
+    _SECRETS.clear()
+    count, *leaks = found
+    assert int(count.split()[0]) >= 2, found  # the server and the REPL worker at least
+    assert leaks == [], leaks
