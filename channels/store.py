@@ -96,6 +96,7 @@ PREVIEW_CHARS = 100
 DEFAULT_TIMEOUT = 30.0  # an operation fails once nothing has moved for this long
 DEFAULT_READ_LIMIT = 1024 * 1024 * 1024  # the biggest value a reader takes unless told
 RETRY_AFTER = 2.0  # a read or write with no answer for this long asks again
+FIRST_WAIT = 0.25  # the first wait for the answer to a small request (doubling to RETRY_AFTER)
 OPEN_GRACE = 5.0  # how long `open` waits for a store that does not answer yet
 LAG_GRACE = 5.0  # how long a reader on a cluster waits for a replica to catch up
 CLUSTER_REPLICAS = 3
@@ -652,15 +653,17 @@ class Store:
         write may then have landed already, its ack lost)."""
         end = time.monotonic() + self.timeout
         resent = False
+        wait = FIRST_WAIT  # a small request answers in milliseconds: ask again soon, then less
         while True:
             left = end - time.monotonic()
             try:
                 msg = await self.nc.request(
-                    subject, payload, timeout=max(0.05, min(RETRY_AFTER, left)), headers=headers
+                    subject, payload, timeout=max(0.05, min(wait, left)), headers=headers
                 )
                 return msg, resent
             except _TRANSIENT as e:
                 resent = True
+                wait = min(2 * wait, RETRY_AFTER)
                 reason = type(e).__name__
                 if isinstance(e, nats.errors.TimeoutError):
                     pass  # the request itself waited
@@ -676,6 +679,19 @@ class Store:
                     f"(last: {reason}); the NATS server may be restarting or electing a "
                     "stream leader: nothing was lost, retry when it is back"
                 )
+
+    def _reconnects(self) -> int:
+        return int(self.nc.stats.get("reconnects", 0))
+
+    async def _wait(self, wake: anyio.Event, reconnects: int) -> None:
+        """Until `wake`, `RETRY_AFTER` seconds, or the connection came back from a
+        reconnect (what was in flight then may be lost: the caller asks again at once)."""
+        end = time.monotonic() + RETRY_AFTER
+        while not wake.is_set() and time.monotonic() < end:
+            with anyio.move_on_after(min(0.1, max(0.0, end - time.monotonic()))):
+                await wake.wait()
+            if self._reconnects() != reconnects:
+                return
 
     async def _ack(self, msg: Msg) -> dict[str, Any] | None:
         """A JetStream publish ack; None when an expected-sequence check failed."""
@@ -780,6 +796,7 @@ class Store:
                 if ask:
                     attempt += 1
                     in_window = 0
+                    reconnects = self._reconnects()
                     want = min(window, meta.chunks - got)
                     request = {"seq": next_seq, "next_by_subj": prefix + "*", "batch": want}
                     try:
@@ -792,8 +809,7 @@ class Store:
                         raise StoreUnavailable(f"the NATS connection is gone: {e}") from e
                     ask = False
                 if not box:
-                    with anyio.move_on_after(RETRY_AFTER):
-                        await wake.wait()
+                    await self._wait(wake, reconnects)
                     wake = anyio.Event()
                     if not box:
                         if time.monotonic() - moved > self.timeout:
@@ -948,6 +964,7 @@ class Store:
         inbox = self.nc.new_inbox()
         sub = await self.nc.subscribe(f"{inbox}.*", cb=on_ack, pending_msgs_limit=2 * max_out + 16)
         sent = 0  # chunks 0 .. sent-1 went out at least once
+        reconnects = self._reconnects()
         moved = time.monotonic()
         acked = 0
 
@@ -972,11 +989,15 @@ class Store:
                     sent += 1
                 if errors:
                     raise StoreError(f"the store refused a chunk: {errors[0]}")
-                with anyio.move_on_after(RETRY_AFTER):
-                    await wake.wait()
+                await self._wait(wake, reconnects)
                 wake = anyio.Event()
                 if errors:
                     raise StoreError(f"the store refused a chunk: {errors[0]}")
+                if self._reconnects() != reconnects:  # what was in flight may be lost: again
+                    reconnects = self._reconnects()
+                    for i in range(sent):
+                        if i not in seqs and not await send(i):
+                            break
                 if len(seqs) > acked:
                     acked, moved = len(seqs), time.monotonic()
                 elif time.monotonic() - moved > self.timeout:
