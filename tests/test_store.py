@@ -20,6 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from agents.models import ScriptedModel
 from channels.errors import (
     BudgetExhausted,
     IntegrityError,
@@ -44,7 +45,7 @@ from channels.store import (
     peer_subjects,
     stream_name,
 )
-from council.declare import Council, Function
+from council.declare import Agent, Council, Function
 from council.session import Session
 
 pytestmark = pytest.mark.anyio
@@ -897,3 +898,82 @@ async def test_council_run_takes_the_replica_count(cluster, tmp_path, clean_env)
     assert {"event": "store.provisioned", "replicas": 2}.items() <= next(
         e for e in events if e["event"] == "store.provisioned"
     ).items()
+
+
+def word_count(text: str) -> int:
+    return len(text.split())
+
+
+FORGE = """```python
+import asyncio, gc, hashlib, json, nats
+from nats.aio.client import Client
+
+r = store.put("four words in here")
+Ref = type(r)
+forged = {
+    "inflated": r.model_copy(update={"size": 1610612736}),  # a real digest, 1.5 GiB claimed
+    "unknown": Ref.model_validate({"$ref": "sha256:" + "ab" * 32, "size": 900_000_000, "kind": "text"}),
+}
+
+# a record in its own session (its rights allow writing values there) claiming 1.5 GiB of
+# chunks it never stored, written with the worker's own login fished out of its memory
+me = next(o for o in gc.get_objects() if isinstance(o, Client) and o.is_connected)
+USER, PASSWORD = me.options["user"], me.options["password"]
+S, NAME = USER.split(".", 1)
+hexd, size = hashlib.sha256(b"forged").hexdigest(), 1610612736
+meta = {"size": size, "kind": "bytes", "chunks": size // 524288, "chunk": 524288,
+        "first": 1, "last": 10**9, "upload": "f0rged"}
+
+async def forge():
+    nc = await nats.connect(f"nats://{me.connected_url.hostname}:{me.connected_url.port}",
+                            user=USER, password=PASSWORD, inbox_prefix=f"_INBOX.{S}.{NAME}")
+    ack = await nc.request(f"cstore.s.{S}.{hexd}.m", b"\\0" * 32, timeout=5,
+                           headers={"Council-Meta": json.dumps(meta)})
+    await nc.close()
+    return json.loads(ack.data)
+
+out = {"forged_record": asyncio.run(forge())}
+forged["record"] = Ref.model_validate({"$ref": "sha256:" + hexd, "size": size, "kind": "bytes"})
+out["honest"] = word_count(context=r)
+for name, ref in forged.items():
+    try:
+        out[name] = word_count(context=ref)
+    except Exception as e:
+        out[name] = f"{type(e).__name__}: {e}"
+FINAL(out)
+```"""
+
+
+def _reset_peak_rss() -> int:
+    """Reset this process's resident-set high-water mark; its current size in kB."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_kb("VmRSS")
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+async def test_repl_code_passing_a_forged_oversize_ref_makes_no_one_allocate_it():
+    """The red-team case: REPL code hands a peer (a function served by the session process)
+    Refs that lie about their size. The peer refuses them by what the store holds and its
+    own limit; the session process's memory does not move, and the session goes on."""
+    scripted = ScriptedModel([FORGE, "```python\nFINAL('still serving')\n```"])
+    council = Council(
+        entry="chair",
+        peers=[Agent("chair", model="scripted", calls=["word_count"]), Function(word_count)],
+    )
+    async with Session(council, models={"scripted": scripted}) as s:
+        start = _reset_peak_rss()
+        result = await s.ask("count", timeout=120)
+        grew_mb = (_status_kb("VmHWM") - start) / 1024
+        out = result.value
+        assert out["honest"] == 4, out
+        assert "TooLarge" in out["inflated"] and "over this reader's limit" in out["inflated"]
+        assert "NotFound" in out["unknown"], out
+        assert out["forged_record"].get("seq"), out  # the forgery is in the store...
+        assert "TooLarge" in out["record"], out  # ...and refused by what it claims
+        assert grew_mb < 200, f"the session process grew by {grew_mb:.0f} MB"
+        assert (await s.ask("again", timeout=120)).value == "still serving"
