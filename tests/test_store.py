@@ -762,6 +762,7 @@ async def test_a_40mb_put_and_get_cut_by_a_restart_resume(own_server, session_id
         del nc.publish
     assert back == value
     assert put_s < DEADLINE and get_s < DEADLINE, (put_s, get_s)
+    print(f"40 MB cut by a restart: put {put_s:.2f}s, get {get_s:.2f}s")
     # and one more cut, mid-stream: the chunks already yielded are not yielded again
     got = bytearray()
     async for part in store.stream(ref):
