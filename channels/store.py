@@ -91,6 +91,7 @@ WINDOW_BYTES = 16 * 1024 * 1024  # chunks asked for in one direct get; bounds re
 MAX_BATCH = 1024  # chunks per direct get, whatever their size
 INFLIGHT_BYTES = 32 * 1024 * 1024  # unacknowledged chunk bytes a writer may have out
 THREAD_HASH_BYTES = 8 * 1024 * 1024  # hash bigger values off the event loop
+REORDER_BYTES = WINDOW_BYTES + INFLIGHT_BYTES  # out-of-order chunks `stream` may hold
 KV_INLINE_BYTES = 64 * 1024  # a bound value bigger than this goes to the store as a Ref
 PREVIEW_CHARS = 100
 DEFAULT_TIMEOUT = 30.0  # an operation fails once nothing has moved for this long
@@ -403,7 +404,7 @@ class Store:
         else:
             data = bytearray()  # sized once the first chunk is really there (not on a claim)
             view = memoryview(data)
-            have = bytearray(meta.chunks)
+            have: set[int] = set()  # grows with what arrives, not with what a record claims
             done = hashed = 0  # chunks in place from the start; bytes hashed
             big = meta.size >= THREAD_HASH_BYTES
             send, receive = anyio.create_memory_object_stream[memoryview](max_buffer_size=inf)
@@ -425,8 +426,8 @@ class Store:
                                 view = memoryview(data)
                             off = i * meta.chunk
                             view[off : off + len(part)] = part
-                            have[i] = 1
-                            while done < meta.chunks and have[done]:
+                            have.add(i)
+                            while done in have:
                                 done += 1
                             end = min(done * meta.chunk, meta.size)
                             if big and end - hashed >= WINDOW_BYTES:
@@ -459,7 +460,7 @@ class Store:
             raise IntegrityError(f"{ref!r}: its record lists the wrong number of chunk digests")
         hasher = hashlib.sha256()
         early: dict[int, bytes] = {}  # chunks that came before their turn (after a retry)
-        i = 0
+        held = i = 0
         async for at, part in self._parts(scope, ref.hex, record, meta):
             if meta.chunks:
                 if hashlib.sha256(part).digest() != digests[32 * at : 32 * at + 32]:
@@ -467,8 +468,12 @@ class Store:
             elif _sha256_hex(part) != ref.hex:
                 raise IntegrityError(f"{ref!r} is corrupted")
             early[at] = part
+            held += len(part)
+            if held > REORDER_BYTES:  # a writer never has more than this out of order
+                raise IntegrityError(f"{ref!r}: its chunks are stored too far out of order")
             while i in early:
                 part = early.pop(i)
+                held -= len(part)
                 hasher.update(part)
                 i += 1
                 yield part
@@ -786,7 +791,7 @@ class Store:
         sub = await self.nc.subscribe(
             f"{inbox}.*", cb=on_msg, pending_msgs_limit=8 * window + 16, pending_bytes_limit=0
         )
-        have = bytearray(meta.chunks)
+        have: set[int] = set()
         got = total = attempt = in_window = 0
         next_seq = meta.first
         ask = True
@@ -861,9 +866,9 @@ class Store:
                 next_seq = max(next_seq, seq + 1)
                 moved = time.monotonic()
                 in_window += current
-                if have[i]:
+                if i in have:
                     continue  # asked twice after a retry
-                have[i] = 1
+                have.add(i)
                 got += 1
                 total += len(msg.data)
                 yield i, msg.data

@@ -39,6 +39,7 @@ from channels.store import (
     KEPT_STREAM,
     RETRY_AFTER,
     Store,
+    _chunk_digests,
     _location,
     _Meta,
     default_replicas,
@@ -649,6 +650,18 @@ async def test_a_forged_oversize_ref_allocates_nothing(admin, store, nc):
     )
     forged = Ref.model_validate({"$ref": f"sha256:{hexd}", "size": claim, "kind": "bytes"})
     inflated = real.model_copy(update={"size": claim})  # a real digest, a lying size
+    # under the limit, in one-byte chunks: nothing sized by the chunk count either
+    tiny_hex, tiny_size = hashlib.sha256(b"tiny").hexdigest(), 900_000_000
+    tiny_meta = _Meta(
+        size=tiny_size, kind="bytes", chunks=tiny_size, chunk=1, first=1, last=10**9,
+        upload="t1ny",
+    )  # fmt: skip
+    await nc.jetstream().publish(
+        f"{_location(store.scope)}.{tiny_hex}.m",
+        b"\0" * 32,
+        headers={"Council-Meta": tiny_meta.model_dump_json()},
+    )
+    tiny = Ref.model_validate({"$ref": f"sha256:{tiny_hex}", "size": tiny_size, "kind": "bytes"})
 
     tracemalloc.start()
     try:
@@ -661,6 +674,12 @@ async def test_a_forged_oversize_ref_allocates_nothing(admin, store, nc):
             await store.get(inflated, limit=2 * GiB)
         with pytest.raises(IntegrityError, match="truncated"):  # limit allows: no chunks there
             await store.read_bytes(forged, limit=2 * GiB)
+        with pytest.raises(IntegrityError, match="truncated"):
+            await store.read_bytes(tiny)
+        for ref in (forged, tiny):  # a stream has no size limit: it holds one window at most
+            with pytest.raises(IntegrityError):
+                async for _ in store.stream(ref):
+                    pass
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -978,3 +997,26 @@ async def test_repl_code_passing_a_forged_oversize_ref_makes_no_one_allocate_it(
         assert "TooLarge" in out["record"], out  # ...and refused by what it claims
         assert grew_mb < 200, f"the session process grew by {grew_mb:.0f} MB"
         assert (await s.ask("again", timeout=120)).value == "still serving"
+
+
+async def test_chunks_stored_out_of_order_read_back_in_order(store, nc):
+    """What a write resumed after a restart leaves: chunks re-sent after later ones. Reads
+    place them by index and `stream` yields them in order."""
+    value = os.urandom(SMALL_CHUNK * 12 + 7)
+    hexd = hashlib.sha256(value).hexdigest()
+    prefix = f"{_location(store.scope)}.{hexd}.d.reord."
+    order = [0, 2, 3, 1, 5, 4, 12, 6, 7, 8, 11, 9, 10]
+    js = nc.jetstream()
+    seqs = []
+    for i in order:
+        ack = await js.publish(prefix + str(i), value[i * SMALL_CHUNK : (i + 1) * SMALL_CHUNK])
+        seqs.append(ack.seq)
+    meta = _Meta(
+        size=len(value), kind="bytes", chunks=13, chunk=SMALL_CHUNK, first=min(seqs),
+        last=max(seqs), upload="reord",
+    )  # fmt: skip
+    assert await store._commit(store.scope, hexd, meta, _chunk_digests(value, SMALL_CHUNK))
+    ref = Ref.model_validate({"$ref": f"sha256:{hexd}", "size": len(value), "kind": "bytes"})
+    assert await store.get(ref) == value
+    parts = [p async for p in store.stream(ref)]
+    assert b"".join(parts) == value and len(parts) == 13
