@@ -20,6 +20,12 @@ class Limits(BaseModel):
     tokens: int | None = Field(default=None, ge=1, description="tokens, sub-calls included")
     cost: float | None = Field(default=None, gt=0, description="USD, sub-calls included")
     seconds: float | None = Field(default=None, gt=0, description="wall time per request")
+    execution: float = Field(
+        default=120.0,
+        gt=0,
+        description="seconds one execution of code may run; past it the REPL is restarted "
+        "and the model is told, then gets its next turn",
+    )
     depth: int = Field(default=2, ge=0, description="how deep child agents may nest")
     at_max_depth: Literal["fail", "llm"] = Field(
         default="fail",

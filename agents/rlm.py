@@ -252,7 +252,7 @@ class RLMAgent:
             agent=self.name,
             peers=self.repl_peers,
             context=context,
-            **self.repl_options,
+            **{"exec_timeout": self.limits.execution, **self.repl_options},
         )
 
     async def _take_repl(self, call: Call) -> Repl:

@@ -73,6 +73,15 @@ def _nats_args(
     )
 
 
+def _sandbox_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--sandbox",
+        choices=("on", "auto", "off"),
+        help="the agents' REPL sandbox, over their declarations: on (refuse to run where the "
+        "kernel cannot sandbox), auto (run unsandboxed there, and say so), off",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="council",
@@ -122,7 +131,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--prompt", "-p", help="the request (default: read it from the terminal)")
     run.add_argument("--context", "-c", metavar="PATH", help="a file whose contents are the input")
     run.add_argument("--model", "-m", help="use this model for every agent and LLM peer")
+    _sandbox_arg(run)
     _nats_args(run)
+    run.add_argument(
+        "--replicas",
+        type=int,
+        help="copies of the session's store (default: 3 on a cluster of 3 or more, else 1)",
+    )
     run.add_argument("--session", help="session id (default: a fresh one)")
     run.add_argument(
         "--local",
@@ -193,6 +208,7 @@ def _parser() -> argparse.ArgumentParser:
         "--session", required=True, help="the session id the rest of the council uses"
     )
     serve.add_argument("--model", "-m", help="use this model for the peer (agents and LLMs)")
+    _sandbox_arg(serve)
 
     rights = sub.add_parser(
         "rights",
@@ -291,6 +307,8 @@ async def _run(args: argparse.Namespace) -> int:
     council = load_target(args.target)
     if args.model:
         council = council.with_model(args.model)
+    if args.sandbox:
+        council = council.with_sandbox(args.sandbox)
     humans = [p.name for p in council.peers if isinstance(p, Human)]
     human = args.human or (humans[0] if len(humans) == 1 else None)
     if args.human and args.human not in humans:
@@ -339,6 +357,7 @@ async def _run(args: argparse.Namespace) -> int:
         record=record,
         replay=args.replay,
         strict=args.strict,
+        store_replicas=args.replicas,
     ) as s:
         print(f"session {s.session} on {s.url}", file=sys.stderr)
         if record is not None:
@@ -406,6 +425,8 @@ async def _serve(args: argparse.Namespace) -> int:
     council = load_target(args.target)
     if args.model:
         council = council.with_model(args.model)
+    if args.sandbox:
+        council = council.with_sandbox(args.sandbox)
     async with anyio.create_task_group() as tg:
         await tg.start(
             partial(

@@ -113,6 +113,11 @@ class Agent(_Peer):
     calls: list[str] = Field(default_factory=list)
     can_spawn: bool = False
     limits: Limits = Field(default_factory=Limits)
+    sandbox: Literal["on", "auto", "off"] = Field(
+        default="on",
+        description="confine the REPL worker (agents.repl.sandbox); 'auto' runs unsandboxed "
+        "where the kernel cannot, and says so; 'on' refuses to",
+    )
     concurrency: int = Field(
         default=8,
         ge=1,
@@ -158,6 +163,8 @@ class Agent(_Peer):
             bits.append("can spawn")
         if summary := self.limits.summary():
             bits.append(f"limits: {summary}")
+        if self.sandbox != "on":
+            bits.append(f"sandbox={self.sandbox}")
         if self.instructions:
             bits.append(_quote(self.instructions))
         return "  ".join(bits)
@@ -467,6 +474,14 @@ class Council(BaseModel):
             for p in self.peers
         ]
         return self.model_copy(update={"peers": peers, "model": model})
+
+    def with_sandbox(self, mode: str) -> Council:
+        """The same council with every agent's REPL sandbox set to `mode` (`--sandbox`)."""
+        peers = [
+            p.model_copy(update={"sandbox": mode}) if isinstance(p, Agent) else p
+            for p in self.peers
+        ]
+        return self.model_copy(update={"peers": peers})
 
     def specs(self, peer: Agent) -> list[PeerSpec]:
         """What agent `peer`'s model is told it may call."""

@@ -149,7 +149,7 @@ def build(
         # conversations' too) connects as `<agent>-repl` and takes one of the numbered names
         # that user's rights cover.
         user, password = credentials(decl.repl_peer) if credentials else (None, None)
-        repl_options: dict[str, Any] = {"slots": decl.repl_slots}
+        repl_options: dict[str, Any] = {"slots": decl.repl_slots, "sandbox": decl.sandbox}
         if user:
             repl_options |= {"user": user, "password": password}
         agent = rlm.RLMAgent(

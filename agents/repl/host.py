@@ -24,6 +24,7 @@ import anyio
 from anyio.abc import Process
 
 from agents.prompt import PeerSpec
+from agents.repl import sandbox as _sandbox
 from agents.repl.env import worker_env
 from agents.repl.peers import json_size
 from agents.repl.protocol import (
@@ -50,6 +51,7 @@ from channels.messages import Call, Execution, Ref, Usage, Value
 _log = log.get("council.repl")
 
 DEFAULT_EXEC_TIMEOUT = 120.0
+"""Seconds one execution may run when nobody says otherwise (`Limits.execution`)."""
 DEFAULT_MEMORY_MB = 2048
 GRACE = 2.0  # past an execution's deadline, how long to wait for the worker's own timeout reply
 EVENT_OUTPUT_LIMIT = 256_000
@@ -63,6 +65,56 @@ _taken: set[tuple[str, str]] = set()
 
 class WorkerFailed(CouncilError, RuntimeError):
     """The REPL worker could not be started (or restarted)."""
+
+
+_told: set[str] = set()  # what this process has already said about the sandbox
+
+
+def sandbox_wanted(mode: str) -> bool:
+    """Whether workers run sandboxed under `mode` ("on", "auto", "off") on this machine.
+
+    "on" where the kernel cannot sandbox is an error (running unsandboxed needs the user's
+    say-so); "auto" then runs unsandboxed and says so once per process, clearly.
+    """
+    if mode not in _sandbox.MODES:
+        raise ValueError(f"sandbox={mode!r}: use 'on', 'auto' or 'off'")
+    if mode == "off":
+        if "off" not in _told:
+            _told.add("off")
+            _log.warning(
+                "repl.sandbox_off",
+                note="REPL code runs unsandboxed (sandbox='off'): it can read what this user "
+                "can read and connect anywhere",
+            )
+        return False
+    why = _sandbox.support()
+    if why is None:
+        return True
+    if mode == "on":
+        raise WorkerFailed(
+            f"the REPL sandbox is not available here: {why}. To run model code unsandboxed "
+            "anyway, declare the agent with sandbox='auto' (or 'off'), or pass --sandbox auto"
+        )
+    if "auto" not in _told:
+        _told.add("auto")
+        _log.warning(
+            "repl.sandbox_unavailable",
+            reason=why,
+            note="sandbox='auto': REPL code runs UNSANDBOXED on this machine",
+        )
+    return False
+
+
+def nats_ports(url: str) -> list[int]:
+    """The TCP ports of a NATS URL (or comma-separated URLs) a sandboxed worker may reach."""
+    from urllib.parse import urlsplit
+
+    defaults = {"nats": 4222, "tls": 4222, "ws": 80, "wss": 443}
+    ports = []
+    for part in url.split(","):
+        u = urlsplit(part.strip())
+        ports.append(u.port or defaults.get(u.scheme, 4222))
+    return ports
 
 
 def peer_infos(peers: Sequence[PeerSpec]) -> list[PeerInfo]:
@@ -110,6 +162,8 @@ class Repl:
     Executions run one at a time. `exec_timeout` caps each one (a call's own deadline may
     cut it shorter); `memory_mb` is what code may allocate on top of the worker's footprint;
     `output_cap` is how many characters of stdout (and of stderr) are kept per execution.
+    `sandbox` ("on", "auto" or "off", see `agents.repl.sandbox`) says whether the worker
+    confines itself before running code; `sandboxed` is what this machine made of it.
     `slots` caps the names concurrent REPLs of one agent take (`<agent>-repl`, `-repl-2`, ...
     `-repl-<slots>`, the names the agent's NATS rights cover): a REPL starting while all are
     in use waits for one to be freed, up to `startup_timeout`.
@@ -123,7 +177,7 @@ class Repl:
         session: str | None = None,
         peers: Sequence[PeerSpec] = (),
         context: Value = None,
-        exec_timeout: float = DEFAULT_EXEC_TIMEOUT,
+        exec_timeout: float | None = DEFAULT_EXEC_TIMEOUT,
         memory_mb: int | None = DEFAULT_MEMORY_MB,
         output_cap: int = 100_000,
         model_output_limit: int = DEFAULT_MODEL_LIMIT,
@@ -133,6 +187,8 @@ class Repl:
         startup_timeout: float = 30.0,
         inline_limit: int | None = None,
         slots: int | None = None,
+        sandbox: str = "on",
+        sandbox_policy: dict[str, Any] | None = None,
     ) -> None:
         self.agent = subjects.check_name(agent, "agent name")
         if isinstance(bus, Bus):
@@ -150,6 +206,8 @@ class Repl:
         self.peers = peer_infos(peers)
         self.context = context
         self.exec_timeout = exec_timeout
+        self.sandboxed = sandbox_wanted(sandbox)
+        self._sandbox_policy = dict(sandbox_policy or {})
         self.memory_mb = memory_mb
         self.output_cap = output_cap
         self.model_output_limit = model_output_limit
@@ -256,13 +314,19 @@ class Repl:
             output_cap=self.output_cap,
             inline_limit=limit,
             parent_pid=os.getpid(),
+            sandbox=_sandbox.Policy(
+                workdir=self._workdir, ports=nats_ports(self._url), **self._sandbox_policy
+            )
+            if self.sandboxed
+            else None,
         )
         argv = [sys.executable, "-m", "agents.repl.worker"]
         if self._url.startswith("ws"):
             argv.append("--ws")
         log_path = Path(self._logdir) / "worker.log"
         started = time.perf_counter()
-        with open(log_path, "ab") as logf:  # noqa: ASYNC230 -- a local file, opened once
+        # A fresh log per worker: the sandbox caps file size, and a log is a file.
+        with open(log_path, "wb") as logf:  # noqa: ASYNC230 -- a local file, opened once
             proc = await anyio.open_process(
                 argv,
                 stdin=subprocess.PIPE,
@@ -300,6 +364,7 @@ class Repl:
             agent=self.agent,
             name=self.name,
             pid=proc.pid,
+            sandbox=self.sandboxed,
             ms=round((time.perf_counter() - started) * 1e3, 1),
         )
 
@@ -396,9 +461,13 @@ class Repl:
         async with self._lock:
             await self._ensure()
             assert self._bus is not None
-            limit = self.exec_timeout if timeout is None else timeout
+            # The tightest of the REPL's own limit, the caller's timeout and the deadline:
+            # a deadline never lifts the execution limit (code that never ends would
+            # otherwise eat the whole request, and the model would get no other turn).
+            bounds = [t for t in (self.exec_timeout, timeout) if t is not None]
             if parent is not None and (left := parent.remaining()) is not None:
-                limit = min(limit, left)
+                bounds.append(left)
+            limit = min(bounds) if bounds else DEFAULT_EXEC_TIMEOUT
             if limit <= 0:  # nothing can run, and the namespace need not be lost over it
                 return ExecResult(
                     status="timeout",
@@ -474,9 +543,14 @@ class Repl:
             raise
         elapsed = time.perf_counter() - started
         if outcome is None or isinstance(outcome, CallTimeout):
+            which = (
+                "the execution time limit"
+                if self.exec_timeout is not None and limit >= self.exec_timeout
+                else "the time left for this request"
+            )
             return await self._replace(
                 ExecResult(status="timeout", duration=elapsed),
-                f"the code ran past the time limit ({limit:.3g}s) and was stopped",
+                f"the code ran past {which} ({limit:.3g}s) and was stopped",
             )
         if outcome is proc or isinstance(outcome, Unavailable):
             # Not serving is as good as dead: the worker is replaced either way.

@@ -10,6 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from agents.repl.sandbox import Policy
 from channels.messages import Usage, Value
 
 Status = Literal["ok", "error", "timeout", "crashed"]
@@ -136,6 +137,9 @@ class WorkerConfig(BaseModel):
         default=None, description="bytes over which a value is stored and sent as a Ref"
     )
     parent_pid: int | None = None
+    sandbox: Policy | None = Field(
+        default=None, description="sandbox the worker with this policy before running code"
+    )
 
 
 # Operations the worker serves; the op travels in Call.args["op"], the code in Call.prompt.
@@ -154,3 +158,6 @@ class WorkerStats(BaseModel):
     in_flight_max: dict[str, int] = Field(default_factory=dict)
     pid: int = 0
     memory_limit: int | None = Field(default=None, description="RLIMIT_AS in bytes")
+    sandbox: dict[str, str | int | bool] | None = Field(
+        default=None, description="what the sandbox applied; None when it is off"
+    )

@@ -32,7 +32,7 @@ from typing import Any
 
 import anyio
 
-from agents.repl import runner
+from agents.repl import runner, sandbox
 from agents.repl.capture import Bounded, NoInput, Router
 from agents.repl.peers import (
     MISSING,
@@ -447,7 +447,7 @@ def _read_config(path: str | None) -> tuple[WorkerConfig, Any]:
     return WorkerConfig.model_validate_json(raw), stdin
 
 
-async def serve(config: WorkerConfig) -> None:
+async def serve(config: WorkerConfig, sandboxed: dict[str, Any] | None = None) -> None:
     bus = await _WorkerBus.connect(
         config.url,
         session=config.session,
@@ -457,6 +457,7 @@ async def serve(config: WorkerConfig) -> None:
     )
     worker = Worker(bus, config, asyncio.get_running_loop())
     bus.stats = worker.stats
+    worker.stats.sandbox = sandboxed
     sys.stdout, sys.stderr, sys.stdin = worker.stdout, worker.stderr, NoInput()
     async with anyio.create_task_group() as tg:
         await tg.start(partial(bus.serve, config.name, worker.handle, concurrency=16))
@@ -482,9 +483,18 @@ def main(argv: list[str] | None = None) -> None:
     sys.setswitchinterval(0.0005)
     if config.parent_pid is not None:
         die_with_parent(config.parent_pid)
+    sandboxed = None
+    if config.sandbox is not None:
+        # Before any thread starts (Landlock binds the threads started after it) and
+        # before any model code: from here on this process is the sandboxed worker.
+        try:
+            sandboxed = sandbox.enter(config.sandbox)
+        except (sandbox.SandboxError, OSError) as e:
+            sys.stderr.write(f"agents.repl.worker: cannot sandbox the worker: {e}\n")
+            raise SystemExit(3) from None
     _watch_stdin(stdin)
     try:
-        anyio.run(serve, config)
+        anyio.run(serve, config, sandboxed)
     except KeyboardInterrupt:
         pass
 
