@@ -614,11 +614,11 @@ class Store:
     async def _var_decode(self, data: bytes) -> Any:
         try:
             envelope = json.loads(data, object_hook=_json_hook)
-            if "r" in envelope:  # put in the store by bind(): give back the value
-                return await self.get(Ref.model_validate(envelope["r"]))
-            return envelope["v"]
+            ref = Ref.model_validate(envelope["r"]) if "r" in envelope else None
+            value = envelope["v"] if ref is None else None
         except (ValueError, TypeError, KeyError) as e:
             raise IntegrityError(f"a named variable holds unreadable data: {e}") from None
+        return value if ref is None else await self.get(ref)  # a big value bind() stored
 
     # -- requests, with retries ------------------------------------------------------------
 
@@ -890,6 +890,7 @@ class Store:
             return
         upload = uuid.uuid4().hex[:16]
         prefix = f"{_location(scope)}.{hexd}.d.{upload}."
+        committing = False
         try:
             digests = bytearray()
             try:
@@ -917,10 +918,12 @@ class Store:
                 upload=upload,
                 preview=preview,
             )
-            if not await self._commit(scope, hexd, meta, bytes(digests)):
+            committing = True
+            if await self._commit(scope, hexd, meta, bytes(digests)) is False:
                 await self._orphans(scope, prefix)  # someone else stored it first: theirs stands
         except BaseException:
-            await self._orphans(scope, prefix)
+            if not committing:  # once a record may be written, its chunks are never removed
+                await self._orphans(scope, prefix)
             raise
 
     async def _orphans(self, scope: str, prefix: str) -> None:
@@ -1018,9 +1021,10 @@ class Store:
             await unsubscribe([sub])
         return min(seqs.values()), max(seqs.values())
 
-    async def _commit(self, scope: str, hexd: str, meta: _Meta, payload: bytes) -> bool:
-        """Write the record unless one exists; False when another writer got there first
-        (or a re-sent commit of this one: the value is there either way)."""
+    async def _commit(self, scope: str, hexd: str, meta: _Meta, payload: bytes) -> bool | None:
+        """Write the record unless one exists. True: this record stands; False: another
+        writer's stands (this upload's chunks may go); None: a record stands, whose is not
+        known yet (a re-sent commit, read from a replica behind): keep the chunks."""
         subject = f"{_location(scope)}.{hexd}.m"
         headers = {META_HEADER: meta.model_dump_json(), "Nats-Expected-Last-Subject-Sequence": "0"}
         msg, resent = await self._send(subject, payload, headers, what="record a value")
@@ -1028,11 +1032,19 @@ class Store:
             raise StoreError(f"the store answered a write with status {msg.headers['Status']}")
         if await self._ack(msg) is not None:
             return True
-        if resent:  # is the record there ours, written by the first send (its ack lost)?
-            record = await self._record(scope, hexd)
-            theirs = (record.headers or {}).get(META_HEADER) if record is not None else None
-            return theirs is not None and _Meta.model_validate_json(theirs).upload == meta.upload
-        return False
+        if not resent:
+            return False
+        # Refused after a re-send: the first send may have landed (its ack lost).
+        end = time.monotonic() + max(self.lag, 1.0)
+        while (record := await self._record(scope, hexd)) is None and time.monotonic() < end:
+            await anyio.sleep(0.05)
+        stored = (record.headers or {}).get(META_HEADER) if record is not None else None
+        if stored is None:
+            return None
+        try:
+            return _Meta.model_validate_json(stored).upload == meta.upload
+        except ValidationError:
+            return None
 
     async def _purge(self, scope: str, subject_filter: str) -> None:
         try:

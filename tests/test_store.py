@@ -37,6 +37,7 @@ from channels.messages import Call, Ref
 from channels.server import NatsServer, running_server
 from channels.store import (
     KEPT_STREAM,
+    META_HEADER,
     RETRY_AFTER,
     Store,
     _chunk_digests,
@@ -1020,3 +1021,35 @@ async def test_chunks_stored_out_of_order_read_back_in_order(store, nc):
     assert await store.get(ref) == value
     parts = [p async for p in store.stream(ref)]
     assert b"".join(parts) == value and len(parts) == 13
+
+
+async def test_a_re_sent_record_never_loses_its_own_chunks(admin, nc):
+    """The runner's write whose record ack was lost is re-sent and refused (the record is
+    there: its own). Even when the record then reads as absent (a replica behind the new
+    leader), the runner must not take it for another writer's and remove its chunks."""
+    real_request, real_record = nc.request, admin._record
+    value = os.urandom(SMALL_CHUNK * 8)
+    swallowed = 0
+    lagging = False
+
+    async def ack_lost(subject, payload=b"", timeout=None, headers=None, **kw):
+        nonlocal swallowed, lagging
+        if subject.endswith(".m") and headers and META_HEADER in headers and not swallowed:
+            swallowed += 1
+            await nc.publish(subject, payload, headers=headers)  # lands; its ack is lost
+            await nc.flush()
+            lagging = True
+            raise nats.errors.TimeoutError
+        return await real_request(subject, payload, timeout=timeout, headers=headers, **kw)
+
+    async def behind(scope, hexd):
+        return None if lagging else await real_record(scope, hexd)
+
+    nc.request, admin._record = ack_lost, behind
+    try:
+        ref = await admin.put(value)
+    finally:
+        del nc.request
+        admin._record = real_record
+    assert swallowed == 1
+    assert await admin.get(ref) == value  # its chunks are all there
