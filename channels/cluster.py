@@ -49,12 +49,19 @@ class NatsCluster:
     def __post_init__(self) -> None:
         if self.size < 1:
             raise ValueError("a cluster has at least one server")
+        self._build()
+
+    def _build(self) -> None:
+        """Nodes on fresh route ports (picked free; another process may take one before the
+        node binds it: `start` then builds again)."""
+        self.nodes = []
         ports = [free_port() for _ in range(self.size)]
         routes = ", ".join(json.dumps(f"nats-route://127.0.0.1:{p}") for p in ports)
         for i, port in enumerate(ports):
             name = f"n{i + 1}"
             store = self.root / name
-            store.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(store, ignore_errors=True)  # a rebuilt cluster starts empty
+            store.mkdir(parents=True)
             extra = "\n".join(
                 [
                     f"server_name: {name}",
@@ -82,9 +89,18 @@ class NatsCluster:
     def node(self, server_name: str) -> NatsServer:
         return self.nodes[self.names().index(server_name)]
 
-    def start(self, timeout: float = 30.0) -> NatsCluster:
-        for node in self.nodes:
-            node.start(timeout)
+    def start(self, timeout: float = 30.0, attempts: int = 3) -> NatsCluster:
+        for attempt in range(attempts):
+            try:
+                for node in self.nodes:
+                    node.start(timeout)
+                break
+            except ServerError as e:
+                self.stop()
+                if "address already in use" not in str(e) or attempt == attempts - 1:
+                    raise
+                _log.info("cluster.port_taken", attempt=attempt + 1)
+                self._build()
         self.wait_ready(timeout)
         return self
 
