@@ -321,7 +321,9 @@ async def test_completions_are_published_as_events(nats_server, session_id):
 
 async def test_a_spare_worker_is_booted_before_the_first_request(nats_server, session_id):
     """A request runs in a worker booted ahead of it; another is booted for the next one."""
-    agent = RLMAgent("root")
+    # Unsandboxed, so the worker's os.getpid() is its pid here (a sandboxed one is PID 2 of
+    # a namespace of its own).
+    agent = RLMAgent("root", repl_options={"sandbox": "off"})
     pid_model = FunctionModel(lambda m, **_: code("import os\nFINAL(os.getpid())"))
 
     async def spare_pid() -> int:

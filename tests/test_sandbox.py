@@ -385,3 +385,26 @@ async def test_an_agents_endless_loop_stops_at_its_execution_limit_and_it_finish
     assert len(turns) == 2 and at[1] - at[0] < 10, at
     told = turns[1]
     assert "execution time limit (5s)" in told and "variables were lost" in told.lower()
+
+
+def test_the_declaration_and_the_cli_choose_the_sandbox():
+    from council.cli import _parser
+    from council.declare import LLM, Agent, Council
+    from council.session import build
+
+    council = Council(
+        entry="a", model="m", peers=[Agent("a", calls=["l"], sandbox="auto"), LLM("l")]
+    )
+    agent = build(council, "a")[0]
+    assert agent.repl_options["sandbox"] == "auto"
+    assert agent.limits.execution == 120  # the default every REPL of the agent gets
+    assert build(council.with_sandbox("off"), "a")[0].repl_options["sandbox"] == "off"
+    assert build(Council(entry="a", model="m", peers=[Agent("a")]), "a")[0].repl_options[
+        "sandbox"
+    ] == "on"
+    args = _parser().parse_args(["run", "x.py:council", "--sandbox", "off", "-p", "hi"])
+    assert args.sandbox == "off"
+    serve = ["serve", "x.py:council", "--peer", "a", "--nats", "nats://h:1", "--session", "s"]
+    assert _parser().parse_args([*serve, "--sandbox", "auto"]).sandbox == "auto"
+    with pytest.raises(SystemExit):
+        _parser().parse_args([*serve, "--sandbox", "maybe"])
