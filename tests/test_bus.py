@@ -23,6 +23,7 @@ from channels.errors import (
     Unavailable,
 )
 from channels.messages import Call, Failure, Reply, Step, Usage, decode, encode
+from channels.natsio import settle
 from channels.server import running_server
 from tests.conftest import pid_alive
 
@@ -233,7 +234,7 @@ async def test_concurrency_limit_is_honoured(connect):
 async def test_events_are_published(connect):
     client, watcher = await connect("agent"), await connect("watcher")
     sub = await watcher.nc.subscribe(subjects.events(client.session))
-    await watcher.nc.flush()
+    await settle(watcher.nc)  # a lone flush can overtake the SUB
     await client.publish(Step(session=client.session, peer="agent", n=1, detail="thinking"))
     msg = await sub.next_msg(timeout=5)
     step = decode(msg.data)

@@ -213,9 +213,10 @@ def test_rights_follow_the_edges():
     assert edges["llm"] == [] and edges["ada-desk"] == []
     r = permissions.rights("s1", edges, serves=council.serves())
     chair = r.for_peer("chair")
-    assert "council.s1.call.critic_a" in chair.publish
-    assert "council.s1.call.critic_a" not in r.for_peer("critic_b").publish
-    assert "council.s1.call.chair-repl" in chair.subscribe  # the worker may share its user
+    assert "council.s1.call.critic_a.chair" in chair.publish
+    assert "council.s1.call.critic_a.chair-repl" in chair.publish  # its REPL calls as itself
+    assert not any(".call.critic_a." in s for s in r.for_peer("critic_b").publish)
+    assert "council.s1.call.chair-repl.*" in chair.subscribe  # the worker may share its user
     assert r.authorization().count("{user:") == len(edges) + 1
 
 

@@ -340,11 +340,11 @@ async def test_a_call_to_a_peer_nobody_serves_fails_fast_with_a_recorder_on(
 async def test_a_call_longer_than_its_heartbeat_is_kept_alive_not_failed(connect):
     server = await connect("thinker")
     client = await Bus.connect(
-        server.nc.connected_url.geturl(), session=server.session, name="client", heartbeat=0.2
+        server.nc.connected_url.geturl(), session=server.session, name="client", heartbeat=0.5
     )
 
     async def slow(call: Call):
-        await anyio.sleep(2.0)  # ten heartbeats
+        await anyio.sleep(4.0)  # eight heartbeats, four times the silence that fails a call
         return "thought it through"
 
     async with anyio.create_task_group() as tg:
