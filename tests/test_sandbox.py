@@ -26,6 +26,7 @@ from agents.repl.env import worker_env
 from agents.repl.host import Repl, WorkerFailed
 from agents.repl.protocol import ExecResult
 from agents.rlm import RLMAgent
+from channels.bus import Bus
 from channels.messages import Call
 from tests.conftest import pid_alive, serving
 from tests.test_repl import serving as serving_handler
@@ -399,12 +400,38 @@ def test_the_declaration_and_the_cli_choose_the_sandbox():
     assert agent.repl_options["sandbox"] == "auto"
     assert agent.limits.execution == 120  # the default every REPL of the agent gets
     assert build(council.with_sandbox("off"), "a")[0].repl_options["sandbox"] == "off"
-    assert build(Council(entry="a", model="m", peers=[Agent("a")]), "a")[0].repl_options[
-        "sandbox"
-    ] == "on"
+    assert (
+        build(Council(entry="a", model="m", peers=[Agent("a")]), "a")[0].repl_options["sandbox"]
+        == "on"
+    )
     args = _parser().parse_args(["run", "x.py:council", "--sandbox", "off", "-p", "hi"])
     assert args.sandbox == "off"
     serve = ["serve", "x.py:council", "--peer", "a", "--nats", "nats://h:1", "--session", "s"]
     assert _parser().parse_args([*serve, "--sandbox", "auto"]).sandbox == "auto"
     with pytest.raises(SystemExit):
         _parser().parse_args([*serve, "--sandbox", "maybe"])
+
+
+async def test_a_nats_url_with_a_host_name_works_sandboxed(nats_server, session_id):
+    """The worker resolves names before its sandbox closes (afterwards there is no UDP, so
+    no DNS; `localhost` would still resolve from /etc/hosts, a DNS name would not)."""
+    from agents.repl.worker import resolved
+
+    url = nats_server.url.replace("127.0.0.1", "localhost")
+    assert resolved(url) == nats_server.url and resolved("nats://u:p@localhost:1,x") == (
+        "nats://u:p@127.0.0.1:1,x"
+    )
+    peer = await Bus.connect(nats_server.url, session=session_id, name="echo")
+
+    async def echo(call: Call) -> str:
+        return f"echo {call.prompt}"
+
+    try:
+        async with (
+            serving_handler(peer, "echo", echo),
+            Repl(url, session=session_id, agent="chair", peers=[PeerSpec("echo")]) as repl,
+        ):
+            assert repl.sandboxed
+            assert (await ok(repl, "echo('hi')")).value == "'echo hi'"
+    finally:
+        await peer.close()

@@ -60,7 +60,7 @@ class Policy(BaseModel):
 
     workdir: str = Field(description="the only directory code may write (and read) in")
     ports: list[int] = Field(description="TCP ports code may connect to: the NATS server's")
-    processes: int = Field(default=128, ge=8, description="tasks (threads count) at most")
+    processes: int = Field(default=256, ge=8, description="tasks (threads count) at most")
     file_mb: int = Field(
         default=64, ge=1, description="largest file code may write (its log, fd 2, included)"
     )

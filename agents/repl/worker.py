@@ -434,6 +434,39 @@ def _limit_memory(memory_mb: int | None) -> int | None:
     return limit
 
 
+def resolved(url: str) -> str:
+    """`url` (or comma-separated URLs) with each host name replaced by its first address."""
+    import socket
+    from urllib.parse import urlsplit
+
+    out = []
+    for part in url.split(","):
+        u = urlsplit(part.strip())
+        host = u.hostname
+        if host and not _is_address(host):
+            try:
+                addr = socket.getaddrinfo(host, u.port, type=socket.SOCK_STREAM)[0][4][0]
+            except OSError:
+                addr = host  # let the connect fail with the usual error
+            netloc = u.netloc.rsplit("@", 1)
+            at = netloc[0] + "@" if len(netloc) == 2 else ""
+            bracketed = f"[{addr}]" if ":" in addr else addr
+            port = f":{u.port}" if u.port else ""
+            part = u._replace(netloc=f"{at}{bracketed}{port}").geturl()
+        out.append(part)
+    return ",".join(out)
+
+
+def _is_address(host: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def _read_config(path: str | None) -> tuple[WorkerConfig, Any]:
     stdin = sys.stdin.buffer
     if path:
@@ -485,6 +518,8 @@ def main(argv: list[str] | None = None) -> None:
         die_with_parent(config.parent_pid)
     sandboxed = None
     if config.sandbox is not None:
+        # Names are resolved now: once sandboxed there is no UDP, so no DNS.
+        config = config.model_copy(update={"url": resolved(config.url)})
         # Before any thread starts (Landlock binds the threads started after it) and
         # before any model code: from here on this process is the sandboxed worker.
         try:
