@@ -149,6 +149,8 @@ def build(
         # conversations' too) connects as `<agent>-repl` and takes one of the numbered names
         # that user's rights cover.
         user, password = credentials(decl.repl_peer) if credentials else (None, None)
+        # Refuse now, before anything runs, if the sandbox is "on" and this kernel cannot.
+        _import("agents.repl.host", f"agent {decl.name!r}").sandbox_wanted(decl.sandbox)
         repl_options: dict[str, Any] = {"slots": decl.repl_slots, "sandbox": decl.sandbox}
         if user:
             repl_options |= {"user": user, "password": password}

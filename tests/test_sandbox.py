@@ -360,6 +360,13 @@ async def test_unsupported_kernels_on_refuses_auto_says_so(connect, monkeypatch,
     assert not repl.sandboxed
     with pytest.raises(ValueError, match="'on', 'auto' or 'off'"):
         Repl(bus, agent="chair", sandbox="yes")
+    # A session refuses before it starts anything.
+    from council.declare import Agent, Council
+    from council.session import build
+
+    with pytest.raises(WorkerFailed, match="not available here"):
+        build(Council(entry="a", model="m", peers=[Agent("a")]), "a")
+    assert build(Council(entry="a", model="m", peers=[Agent("a", sandbox="auto")]), "a")
 
 
 async def test_an_agents_endless_loop_stops_at_its_execution_limit_and_it_finishes(nats_server):
