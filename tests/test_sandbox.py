@@ -278,6 +278,9 @@ async def test_output_over_the_cap_is_cut_on_stdout_and_on_fd_2(connect):
         )
         written, error = eval(raw.value)
         assert error == 27 and written <= 4 << 20  # EFBIG at the cap, not 32 MB later
+        # fd 1 below Python (C code, child processes) goes to /dev/null, nowhere on disk.
+        dropped = await ok(repl, "os.write(1, b'z' * (8 << 20))")
+        assert dropped.value == str(8 << 20) and dropped.stdout == ""
         log = Path(repl._logdir) / "worker.log"
         assert log.stat().st_size <= 4 << 20
         await still_going(repl, pid)
