@@ -17,6 +17,7 @@ from pathlib import Path
 import anyio
 import pytest
 
+from channels import subjects
 from channels.bus import Bus
 from channels.errors import CallFailed
 from channels.messages import Call, Reply, Step, Usage
@@ -264,8 +265,12 @@ async def test_garbage_on_the_bus_is_not_recorded(nats_server, session_id, tmp_p
     async with Recorder(rb.nc, session_id, path) as rec:
         async with anyio.create_task_group() as tg:
             await tg.start(server.serve, "echo", echo)
-            await client.nc.request(f"council.{session_id}.call.echo", b"\x00garbage", timeout=5)
-            await client.nc.request(f"council.{session_id}.call.echo", b'{"a": 1}', timeout=5)
+            await client.nc.request(
+                subjects.call(session_id, "echo", "client"), b"\x00garbage", timeout=5
+            )
+            await client.nc.request(
+                subjects.call(session_id, "echo", "client"), b'{"a": 1}', timeout=5
+            )
             await client.call("echo", "fine")
             tg.cancel_scope.cancel()
     # the two unreadable requests are left out (their bad_request answers are kept)
