@@ -119,6 +119,7 @@ class Bus:
         # names the pending call it answers (nats-py's request() would take the first
         # message, a heartbeat, as the answer).
         self._inbox: str | None = None
+        self._inbox_cut = 0  # len(inbox) + 1: where a reply subject's call token starts
         self._inbox_lock: anyio.Lock | None = None
         self._pending: dict[str, _Pending] = {}
         self._next_token = 0
@@ -193,6 +194,9 @@ class Bus:
         if not self.nc.is_closed:
             with anyio.CancelScope(shield=True):
                 await self.nc.drain()
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
         for p in list(self._pending.values()):
             p.fail(Unavailable("the bus was closed", call_id=p.call.id, callee=p.call.callee))
 
@@ -433,6 +437,7 @@ class Bus:
                 continue
             if p.asked > 0 and p.heard < p.asked:
                 call = p.call
+                _log.warning("call.silent", call=call.id, callee=call.callee, silent=now - p.heard)
                 p.fail(
                     Unavailable(
                         f"{call.callee!r} went silent: no sign of it for {now - p.heard:.3g}s "
