@@ -281,7 +281,7 @@ async def run(
     with tempfile.TemporaryDirectory(prefix="council-distributed-") as tmp:
         workdir = Path(tmp)
         session = "d" + os.urandom(5).hex()
-        creds = workdir / "rights.json"
+        creds = workdir / "rights"  # nats.conf, rights.json, one <peer>.cred.json per user
         made = await anyio.run_process(
             _cli("rights", f"{HERE}:council", "--session", session, "--out", str(creds)),
             env=_env(None),
@@ -289,7 +289,7 @@ async def run(
         )
         if made.returncode != 0:
             raise ExampleError(f"`council rights` failed: {made.stderr.decode().strip()}")
-        rights = Rights.model_validate_json(creds.read_text())
+        rights = Rights.load(creds)
         async with embedded_server(config_extra=made.stdout.decode()) as server:
             say(args, f"nats-server {server.url} (pid {server.pid}), one user per peer")
             cluster = await serve_elsewhere(
