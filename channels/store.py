@@ -99,7 +99,7 @@ DEFAULT_READ_LIMIT = 1024 * 1024 * 1024  # the biggest value a reader takes unle
 RETRY_AFTER = 2.0  # a read or write with no answer for this long asks again
 FIRST_WAIT = 0.25  # the first wait for the answer to a small request (doubling to RETRY_AFTER)
 OPEN_GRACE = 5.0  # how long `open` waits for a store that does not answer yet
-LAG_GRACE = 5.0  # how long a reader on a cluster waits for a replica to catch up
+LAG_GRACE = 10.0  # how long a reader on a cluster waits for a replica to catch up
 CLUSTER_REPLICAS = 3
 KV_HISTORY = 8  # revisions kept per variable: a re-sent compare-and-set finds its own write
 
@@ -835,10 +835,17 @@ class Store:
                     if status in ("204", "404") and in_window:  # end of this batch
                         ask = True
                     elif status in ("204", "404"):
-                        if time.monotonic() - moved < self.lag:  # a replica behind? ask again
+                        # The record is there, so its chunks were stored before it: on a
+                        # cluster a replica behind answered. Ask again until `timeout`.
+                        if self.lag and time.monotonic() - moved < self.timeout:
                             await anyio.sleep(0.05)
                             ask = True
                             continue
+                        self._log.warning(
+                            "store.read_short", value=hexd[:16], got=got, chunks=meta.chunks,
+                            next_seq=next_seq, last=meta.last, status=status,
+                            server=self.nc.connected_url.netloc if self.nc.connected_url else "",
+                        )  # fmt: skip
                         break  # nothing more is stored: truncated, said below
                     elif status in ("408", "503"):  # no stream leader yet, server starting
                         await anyio.sleep(0.2)
