@@ -231,22 +231,34 @@ time.sleep(0.5)
 """
 
 
+async def _gone(marker: str) -> None:
+    with anyio.fail_after(10):
+        while _marked(marker):
+            await anyio.sleep(0.05)
+
+
+async def _daemon(repl: Repl, marker: str) -> None:
+    assert (await ok(repl, DAEMON.format(marker=marker))).value == "'forked'"
+    with anyio.fail_after(10):
+        while not _marked(marker):  # the test can see it while the worker lives
+            await anyio.sleep(0.05)
+
+
 @pytest.mark.parametrize("mode", ["on", "off"])
 async def test_a_double_forked_daemon_dies_with_the_worker(connect, mode):
     marker = f"council-daemon-{mode}-{os.getpid()}-{time.monotonic_ns()}"
     repl = Repl(await connect("chair"), agent="chair", sandbox=mode)
     await repl.start()
     try:
-        assert (await ok(repl, DAEMON.format(marker=marker))).value == "'forked'"
-        with anyio.fail_after(10):
-            while not _marked(marker):  # the test can see it while the worker lives
-                await anyio.sleep(0.05)
+        if mode == "on":  # a worker killed (timeout, crash, cancel) takes its tree along
+            await _daemon(repl, marker + "-killed")
+            await repl.restart("test")
+            await _gone(marker + "-killed")
+        await _daemon(repl, marker)
     finally:
-        await repl.close()
+        await repl.close()  # a worker closed in order, too
     if mode == "on":
-        with anyio.fail_after(10):
-            while _marked(marker):
-                await anyio.sleep(0.05)
+        await _gone(marker)
     else:  # unsandboxed it outlives the worker (reparented): clean up after proving it
         await anyio.sleep(0.5)
         left = _marked(marker)
