@@ -409,6 +409,8 @@ class ScriptedModel:
     with replies unused (`assert_done`), is a `ScriptError` that shows where it went wrong.
     """
 
+    reads_task = True  # the LLM peer passes `request` and `context` as keywords
+
     def __init__(
         self,
         replies: Sequence[Any],
@@ -448,7 +450,7 @@ class ScriptedModel:
         if isinstance(step, BaseException):
             raise step
         if callable(step) and not isinstance(step, ModelResponse):
-            step = step(messages)
+            step = step(messages, **_given(_keywords(step), params))
             if inspect.isawaitable(step):
                 step = await step
         return _response(step, messages, self.name, self.usage, self.cost)
@@ -469,6 +471,8 @@ class FunctionModel:
     and inline calls keep a script's shared state (an iterator, a list) free of races.
     """
 
+    reads_task = True  # the LLM peer passes `request` and `context` as keywords
+
     def __init__(
         self,
         fn: Callable[..., str | ModelResponse | Awaitable[str | ModelResponse]],
@@ -485,24 +489,33 @@ class FunctionModel:
         self.context_window = context_window
         self.usage = usage
         self.cost = cost
-        self._takes_params = _accepts_keywords(fn)
+        self._accepts = _keywords(fn)
 
     def __repr__(self) -> str:
         return f"FunctionModel({self.name!r})"
 
     async def complete(self, messages: Messages, **params: Any) -> ModelResponse:
-        out = self.fn(messages, **params) if self._takes_params else self.fn(messages)
+        out = self.fn(messages, **_given(self._accepts, params))
         if inspect.isawaitable(out):
             out = await out
         return _response(out, messages, self.name, self.usage, self.cost)
 
 
-def _accepts_keywords(fn: Callable[..., Any]) -> bool:
+def _keywords(fn: Callable[..., Any]) -> frozenset[str] | None:
+    """The keyword arguments `fn` takes after the messages; None for any (**kwargs)."""
     try:
-        parameters = inspect.signature(fn).parameters.values()
+        parameters = list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError):
-        return True
-    return any(p.kind is p.VAR_KEYWORD for p in parameters) or len(list(parameters)) > 1
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in parameters):
+        return None
+    return frozenset(p.name for p in parameters[1:] if p.kind is not p.VAR_POSITIONAL)
+
+
+def _given(accepts: frozenset[str] | None, params: dict[str, Any]) -> dict[str, Any]:
+    if accepts is None:
+        return params
+    return {k: v for k, v in params.items() if k in accepts}
 
 
 def _ordinal(n: int) -> str:
