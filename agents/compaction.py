@@ -37,9 +37,16 @@ def pairs(messages: Messages) -> list[Pair]:
     return [(body[i], body[i + 1]) for i in range(0, len(body) - 1, 2)]
 
 
-def plan(messages: Messages, keep: int) -> Fold:
+def plan(messages: Messages, head: str, keep: int, target: int, note_chars: int) -> Fold:
+    """Keep up to `keep` latest pairs, fewer if even cut down they would not fit `target`
+    beside the system prompt, the request and a fold note of `note_chars`; fold the rest."""
     turns = pairs(messages)
-    cut = max(0, len(turns) - keep)
+    base = [messages[0], {"role": "user", "content": head + "x" * note_chars}]
+    room = target - message_tokens(base)
+    n = min(keep, len(turns))
+    while n > 0 and _fit_pairs(turns[len(turns) - n :], room) is None:
+        n -= 1
+    cut = len(turns) - n
     return Fold(turns[:cut], turns[cut:])
 
 
@@ -53,8 +60,8 @@ def folded(
 ) -> Messages:
     """The new prompt; under `target` tokens unless the system prompt and request alone pass it.
 
-    Latest pairs are dropped oldest first only if even cut to a few hundred characters
-    they do not fit (they stay in the transcript); the summary is cut last.
+    The kept pairs are cut in the middle when they do not fit whole (`plan` keeps only
+    as many as fit cut to a few hundred characters each); the summary is cut last.
     """
     note = FOLD_NOTE.format(folded=n_folded, summary=summary.strip() or "(none)")
     first = {"role": "user", "content": f"{head}\n\n{note}" if n_folded else head}

@@ -27,6 +27,7 @@ from agents import compaction
 from agents.limits import CHILD_LIMITS, Compaction, Limits
 from agents.models import message_tokens
 from agents.prompt import (
+    FOLD_NOTE,
     LAST_TURN,
     NO_CODE,
     SUMMARY_REQUEST,
@@ -145,6 +146,11 @@ class _Run:
 
     def record(self, reply: str, output: str) -> None:
         self.transcript.append({"turn": self.turns, "reply": reply, "output": output})
+
+
+def _summary_words(window: int) -> int:
+    """How long a summary may be: a small share of the window."""
+    return max(40, min(250, window // 20))
 
 
 def _tighter(a: float | None, b: float | None) -> Any:
@@ -721,12 +727,14 @@ class RLMAgent:
         before = message_tokens(messages)
         if before <= limit:
             return
-        fold = compaction.plan(messages, self.compaction.keep)
-        if fold.older:
-            run.summary = await self._summarise(run, fold.older, window, deadline)
-            run.folded += len(fold.older)
         target = int(window * self.compaction.at * 0.6) - reserve
         head = self._head(messages[1]["content"])
+        words = _summary_words(window)
+        note = len(FOLD_NOTE) + words * 8
+        fold = compaction.plan(messages, head, self.compaction.keep, target, note)
+        if fold.older:
+            run.summary = await self._summarise(run, fold.older, words, window, deadline)
+            run.folded += len(fold.older)
         messages[:] = compaction.folded(
             messages[0], head, run.summary, run.folded, fold.kept, target
         )
@@ -746,9 +754,13 @@ class RLMAgent:
         return first if cut < 0 else first[:cut]
 
     async def _summarise(
-        self, run: _Run, older: list[compaction.Pair], window: int, deadline: float | None
+        self,
+        run: _Run,
+        older: list[compaction.Pair],
+        words: int,
+        window: int,
+        deadline: float | None,
     ) -> str:
-        words = max(60, min(250, window // 16))
         room = int(window * 0.6) - words * 2
         earlier = f"Summary of still earlier turns: {run.summary}\n\n" if run.summary else ""
         messages = [
