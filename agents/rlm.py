@@ -382,7 +382,9 @@ class RLMAgent:
             raise DepthExceeded(
                 f"{self.name} was called at depth {call.depth}, past its limit of {self.limits.depth}"
             )
-        await self._check_inputs(call)
+        named = await self._check_inputs(call)
+        if named:  # the model's code reads them as `args`, as the types gave them back
+            call = call.model_copy(update={"args": {**call.args, **named}})
         limits = limits or self.limits
         conversation = call.args.get("conversation")
         if conversation is None:
@@ -430,10 +432,12 @@ class RLMAgent:
 
     # -- checking what comes in and goes out -------------------------------------------------
 
-    async def _check_inputs(self, call: Call) -> None:
-        """Refuse a call whose context or named args do not fit the declared types, before
-        any model is called (a stored context is read only when its kind cannot tell)."""
+    async def _check_inputs(self, call: Call) -> dict[str, Any]:
+        """The declared named args, checked; a call whose context or named args do not fit
+        the declared types is refused before any model is called (a stored context is read
+        only when its kind cannot tell)."""
         problems: list[str] = []
+        named: dict[str, Any] = {}
         for name, spec in self.inputs.items():
             if name == "context":
                 value: Any = call.context
@@ -450,15 +454,19 @@ class RLMAgent:
             else:
                 value = None
             try:
-                spec.validate_json_value(value, name)
+                checked = spec.validate_json_value(value, name)
             except Mismatch as e:
                 problems.append(str(e))
+                continue
+            if name != "context":
+                named[name] = checked
         if problems:
             raise BadRequest(
                 f"{self.name} takes {self.signature}; this call does not fit: "
                 + "; ".join(problems)
                 + ". Send values of the declared types."
             )
+        return named
 
     async def _checked_final(self, value: Value) -> Value:
         """The FINAL value as the declared output type gives it back; `Mismatch` if it does
@@ -478,6 +486,9 @@ class RLMAgent:
         if self.can_spawn and not spawn:
             # At the depth limit a child would be refused: the model is not offered one.
             await repl.execute("globals().pop('rlm', None)", parent=call, record=False)
+        if any(name != "context" for name in self.inputs):
+            named = {k: call.args.get(k) for k in self.inputs if k != "context"}
+            await repl.execute(f"args = {named!r}", parent=call, record=False)
         messages: list[dict[str, Any]] = [
             {"role": "system", "content": self._system_prompt(spawn)},
             {"role": "user", "content": self._first_message(call, turn)},
@@ -807,6 +818,10 @@ class RLMAgent:
 
     def _first_message(self, call: Call, turn: int) -> str:
         parts = [f"Request: {call.prompt}", describe_input(call.context)]
+        named = [k for k in self.inputs if k != "context"]
+        if named:
+            shown = ", ".join(f"{k}={call.args.get(k)!r:.100}" for k in named)
+            parts.append(f"`args` in the REPL holds the named arguments: {shown}")
         if turn > 1:
             parts.append(HISTORY_NOTE.format(turn=turn, n=turn - 1))
         return "\n\n".join(parts)

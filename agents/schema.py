@@ -25,7 +25,7 @@ class Mismatch(ValueError):
 
     def __init__(self, what: str, errors: list[str]) -> None:
         self.errors = errors
-        super().__init__(f"{what} does not fit: " + "; ".join(errors))
+        super().__init__(f"{what}: " + "; ".join(errors))
 
 
 class TypeSpec(BaseModel):
@@ -82,10 +82,12 @@ class TypeSpec(BaseModel):
         """Whether a stored value can fit without reading it: by its kind; None if that
         cannot tell (a JSON value must be read to be checked)."""
         kind = self.json_schema.get("type")
+        if not self.json_schema:  # Any
+            return True
         if ref.kind == "text":
-            return kind == "string" or not kind
+            return kind == "string"
         if ref.kind == "bytes":
-            return (kind == "string" and self.json_schema.get("format") == "binary") or not kind
+            return kind == "string" and self.json_schema.get("format") == "binary"
         return None
 
     def _pydantic(self) -> Any:
@@ -109,7 +111,7 @@ class TypeSpec(BaseModel):
             ) from None
         validator = jsonschema.Draft202012Validator(self.json_schema)
         errors = [
-            f"{'.'.join(str(p) for p in e.absolute_path) or 'value'}: {e.message}"
+            ".".join(str(p) for p in e.absolute_path) + ": " * bool(e.absolute_path) + e.message
             for e in validator.iter_errors(value)
         ]
         if errors:
@@ -165,8 +167,8 @@ def signature(inputs: dict[str, TypeSpec], output: TypeSpec | None) -> str:
 def _pydantic_errors(e: ValidationError) -> list[str]:
     out = []
     for err in e.errors()[:10]:
-        where = ".".join(str(p) for p in err["loc"]) or "value"
-        out.append(f"{where}: {err['msg']}")
+        where = ".".join(str(p) for p in err["loc"])
+        out.append(f"{where}: {err['msg']}" if where else err["msg"])
     return out
 
 
