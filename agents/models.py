@@ -501,21 +501,28 @@ class FunctionModel:
         return _response(out, messages, self.name, self.usage, self.cost)
 
 
-def _keywords(fn: Callable[..., Any]) -> frozenset[str] | None:
-    """The keyword arguments `fn` takes after the messages; None for any (**kwargs)."""
+TASK_FIELDS = ("request", "context")
+"""What the LLM peer gives a scripted model besides the messages: the request being worked
+on and its input (an agent's own, for its model peer). A function gets them by naming
+them as parameters, so `fn(messages, **params)` still sees only model parameters."""
+
+
+def _keywords(fn: Callable[..., Any]) -> tuple[frozenset[str], bool]:
+    """The named parameters `fn` takes after the messages, and whether it takes **kwargs."""
     try:
         parameters = list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError):
-        return None
-    if any(p.kind is p.VAR_KEYWORD for p in parameters):
-        return None
-    return frozenset(p.name for p in parameters[1:] if p.kind is not p.VAR_POSITIONAL)
+        return frozenset(), True
+    rest = any(p.kind is p.VAR_KEYWORD for p in parameters)
+    named = frozenset(
+        p.name for p in parameters[1:] if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    )
+    return named, rest
 
 
-def _given(accepts: frozenset[str] | None, params: dict[str, Any]) -> dict[str, Any]:
-    if accepts is None:
-        return params
-    return {k: v for k, v in params.items() if k in accepts}
+def _given(accepts: tuple[frozenset[str], bool], params: dict[str, Any]) -> dict[str, Any]:
+    named, rest = accepts
+    return {k: v for k, v in params.items() if k in named or (rest and k not in TASK_FIELDS)}
 
 
 def _ordinal(n: int) -> str:
