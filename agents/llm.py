@@ -20,6 +20,7 @@ from typing import Any
 import anyio
 from anyio.abc import TaskStatus
 
+from agents import task
 from agents.models import (
     LiteLLMModel,
     Messages,
@@ -368,13 +369,13 @@ def _json_part(text: str) -> str:
 
 async def _task(bus: Bus, call: Call, context: str | None) -> dict[str, Any]:
     """What a scripted model is given as fields: the request and its input. For an agent's
-    model call they are the agent's own (args.task); otherwise this call's prompt and context."""
-    task = call.args.get("task")
-    if isinstance(task, dict):
-        value = task.get("context")
+    model call they are the agent's own (agents.task); otherwise this call's own."""
+    working = task.of(call)
+    if working is not None:
+        request, value = working
         if _holds_ref(value):
             value = await _resolve(await bus.store(), value)
-        return {"request": task.get("request", ""), "context": value}
+        return {"request": request, "context": value}
     value = call.context
     if _holds_ref(value):
         value = context

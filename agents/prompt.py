@@ -148,8 +148,6 @@ def system_prompt(
         "",
         "When you have the answer, call FINAL(answer) in code, or FINAL_VAR('name') to",
         "answer with a variable. Do not write the answer as plain text: only FINAL ends the run.",
-        "A call that fails with DepthExceeded, BudgetExhausted or BadRequest cannot succeed if",
-        "tried again: unless your code catches it (`except CallFailed`), it ends your run.",
     ]
     if output:
         lines += ["", f"Your FINAL answer must be a value of this type: {output}"]

@@ -12,7 +12,6 @@ by code stops when the run's time is up and children spend only what is left.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ import anyio
 import anyio.to_thread
 from anyio.abc import TaskStatus
 
-from agents import compaction
+from agents import compaction, task
 from agents.limits import CHILD_LIMITS, Compaction, Limits
 from agents.models import message_tokens
 from agents.prompt import (
@@ -72,9 +71,6 @@ EMPTY_RETRIES = 2
 FINAL_FAILURES = frozenset({"depth_exceeded", "budget_exhausted", "bad_request"})
 """Failures that cannot succeed if tried again: uncaught in code, they end the run."""
 
-SMALL_CONTEXT = 4096
-"""Bytes of context a model call carries inline for a scripted model; more goes as a Ref."""
-
 
 @dataclass
 class _Run:
@@ -92,7 +88,6 @@ class _Run:
     transcript: list[dict[str, Any]] = field(default_factory=list)
     summary: str = ""
     folded: int = 0  # turns folded into the summary so far
-    task: dict[str, Any] | None = None  # the request and context, for scripted models
     repl: Any = None  # the run's REPL
 
     @property
@@ -481,6 +476,10 @@ class RLMAgent:
     # -- the loop --------------------------------------------------------------------------
 
     async def _loop(self, call: Call, repl: Repl, limits: Limits, *, turn: int = 0) -> Reply:
+        with task.working_on(call):
+            return await self._run(call, repl, limits, turn)
+
+    async def _run(self, call: Call, repl: Repl, limits: Limits, turn: int) -> Reply:
         run = _Run(call, limits, repl=repl)
         spawn = self._spawns_at(call.depth)
         if self.can_spawn and not spawn:
@@ -634,7 +633,6 @@ class RLMAgent:
         """One completion of the root model; an empty one is asked again, then fails typed."""
         await self._compact(run, messages, deadline)
         args: dict[str, Any] = {**self.model_params, "messages": messages}
-        args["task"] = await self._task(run)
         cap = self._max_tokens(run, messages)
         if cap is not None:
             args["max_tokens"] = cap
@@ -686,17 +684,6 @@ class RLMAgent:
             return None
         room = max(1, left - message_tokens(messages))
         return room if asked is None else min(int(asked), room)
-
-    async def _task(self, run: _Run) -> dict[str, Any]:
-        """The request and the input, as fields a scripted model can read without parsing
-        the prompt. A big inline input goes once to the store and travels as a Ref."""
-        if run.task is None:
-            context = run.call.context
-            if not isinstance(context, Ref) and context is not None:
-                if len(json.dumps(context, default=str)) > SMALL_CONTEXT:
-                    context = await (await self._require_bus().store()).put(context)
-            run.task = {"request": run.call.prompt, "context": context}
-        return run.task
 
     async def _execute(
         self, run: _Run, repl: Repl, code: str, deadline: float | None, *, closing: bool = False

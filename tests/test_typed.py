@@ -203,3 +203,32 @@ async def test_a_council_with_scripted_models_keyed_by_peer_name():
     assert result.value == {"ok": True, "reasons": [], "score": 5}
     assert seen["chair"] == ("Is the draft fine?", "a short draft")
     assert issubclass(BudgetExhausted, CallFailed) and ScriptedHuman is not None
+
+
+# -- the README's promises --------------------------------------------------------------------
+
+
+def _readme_block(containing: str) -> str:
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.+?)\n```", readme, re.S)
+    (block,) = [b for b in blocks if containing in b]
+    return block
+
+
+def test_readme_typed_council_declares_what_it_says():
+    namespace: dict[str, Any] = {"__name__": "readme_typed"}
+    exec(_readme_block("class Verdict"), namespace)
+    council = namespace["council"]
+    chair, judge = council.peer("chair"), council.peer("judge")
+    assert '"accept"' in chair.signature and chair.signature.startswith(
+        "(prompt: str, context: str"
+    )
+    assert '"reasons"' in judge.signature
+    assert council.edges()["chair"][-1] == "cheap"  # the summariser is an edge of the agent
+
+
+def test_readme_scripted_models_example_runs():
+    exec(_readme_block("FunctionModel(chair)"), {"__name__": "readme_scripted"})
