@@ -162,8 +162,9 @@ class LLMPeer:
                 f"{self.name}: nothing to ask the model: the call has no prompt, context or messages"
             )
         self._refuse_too_large(messages, params, context)
-        if getattr(self.model, "reads_task", False):  # a scripted model: request and input
-            params = {**params, **await _task(bus, call, context)}
+        wanted = getattr(self.model, "reads_task", ())
+        if wanted:  # a scripted model that asks for the request or the input as fields
+            params = {**params, **await _task(bus, call, context, wanted)}
         if self.output is None:
             text, usage = await self._ask(bus, call, messages, params)
             return Reply(value=text, usage=usage)
@@ -367,19 +368,19 @@ def _json_part(text: str) -> str:
     return text.strip()
 
 
-async def _task(bus: Bus, call: Call, context: str | None) -> dict[str, Any]:
+async def _task(bus: Bus, call: Call, context: str | None, wanted: Any) -> dict[str, Any]:
     """What a scripted model is given as fields: the request and its input. For an agent's
-    model call they are the agent's own (agents.task); otherwise this call's own."""
+    model call they are the agent's own (agents.task); otherwise this call's own. A stored
+    input is read only for a model that asks for it."""
     working = task.of(call)
     if working is not None:
         request, value = working
-        if _holds_ref(value):
+        if "context" in wanted and _holds_ref(value):
             value = await _resolve(await bus.store(), value)
-        return {"request": request, "context": value}
-    value = call.context
-    if _holds_ref(value):
-        value = context
-    return {"request": call.prompt, "context": value}
+    else:
+        request, value = call.prompt, context if _holds_ref(call.context) else call.context
+    fields = {"request": request, "context": value}
+    return {k: v for k, v in fields.items() if k in wanted}
 
 
 # -- building the request --------------------------------------------------------------------

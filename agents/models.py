@@ -409,8 +409,6 @@ class ScriptedModel:
     with replies unused (`assert_done`), is a `ScriptError` that shows where it went wrong.
     """
 
-    reads_task = True  # the LLM peer passes `request` and `context` as keywords
-
     def __init__(
         self,
         replies: Sequence[Any],
@@ -435,6 +433,14 @@ class ScriptedModel:
     @property
     def remaining(self) -> int:
         return len(self.replies) - len(self.calls)
+
+    @property
+    def reads_task(self) -> frozenset[str]:
+        """The task fields the next scripted reply (a function) names."""
+        step = self.replies[len(self.calls)] if self.remaining > 0 else None
+        if not callable(step) or isinstance(step, ModelResponse | BaseException):
+            return frozenset()
+        return _keywords(step)[0] & frozenset(TASK_FIELDS)
 
     async def complete(self, messages: Messages, **params: Any) -> ModelResponse:
         n = len(self.calls)
@@ -471,8 +477,6 @@ class FunctionModel:
     and inline calls keep a script's shared state (an iterator, a list) free of races.
     """
 
-    reads_task = True  # the LLM peer passes `request` and `context` as keywords
-
     def __init__(
         self,
         fn: Callable[..., str | ModelResponse | Awaitable[str | ModelResponse]],
@@ -490,6 +494,11 @@ class FunctionModel:
         self.usage = usage
         self.cost = cost
         self._accepts = _keywords(fn)
+
+    @property
+    def reads_task(self) -> frozenset[str]:
+        """The task fields the function names (the LLM peer reads only those)."""
+        return self._accepts[0] & frozenset(TASK_FIELDS)
 
     def __repr__(self) -> str:
         return f"FunctionModel({self.name!r})"

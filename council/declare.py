@@ -171,6 +171,8 @@ class Agent(_Peer):
             bits.append("can spawn")
         if summary := self.limits.summary():
             bits.append(f"limits: {summary}")
+        if self.output is not None:
+            bits.append(f"-> {self.output.name}")
         if self.instructions:
             bits.append(_quote(self.instructions))
         return "  ".join(bits)
@@ -196,7 +198,8 @@ class LLM(_Peer):
         return f"(prompt: str, context=None) -> {self.output.describe()}"
 
     def line(self) -> str:
-        return f"llm  model={self.model or '?'}"
+        typed = f"  -> {self.output.name}" if self.output is not None else ""
+        return f"llm  model={self.model or '?'}{typed}"
 
 
 class Human(_Peer):

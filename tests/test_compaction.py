@@ -159,3 +159,23 @@ async def test_the_window_comes_from_litellms_model_info():
     council = Council(entry="a", peers=[Agent("a", model="gpt-4o-mini")])
     agent, thinker = build_peers(council, "a")
     assert await agent.window() == thinker.model.context_window == 128_000
+
+
+async def test_a_failing_summariser_still_folds_and_the_run_goes_on(nats_server, session_id):
+    script = ShortScript()
+
+    def broken(messages, **_):
+        raise ValueError("summariser is down")
+
+    agent = RLMAgent("root", compaction=Compaction(window=1_500, model="cheap"))
+    async with serving(
+        nats_server.url,
+        session_id,
+        agent,
+        LLMPeer("root-model", FunctionModel(script, context_window=1_500)),
+        LLMPeer("cheap", FunctionModel(broken)),
+    ) as client:
+        reply = await client.call("root", "go", timeout=120)
+    assert reply.value == 28
+    assert max(message_tokens(p) for p in script.prompts) <= 1_500
+    assert any("no summary: the summariser failed" in p[1]["content"] for p in script.prompts)
