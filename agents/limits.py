@@ -12,11 +12,20 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class Limits(BaseModel):
-    """None on an axis means no limit on it (the caller's deadline and budget still apply)."""
+    """None on an axis means no limit on it (the caller's deadline and budget still apply).
+
+    They hold inside the last turn too: a turn starts only if the tokens and money left
+    could pay for one like the last and the time left is longer than the last took, and a
+    fifth of the time is kept for the closing turn.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    iterations: int = Field(default=20, ge=1, description="model turns per request")
+    iterations: int = Field(
+        default=20,
+        ge=1,
+        description="turns whose code runs, per request; then one closing turn that calls no peer",
+    )
     tokens: int | None = Field(default=None, ge=1, description="tokens, sub-calls included")
     cost: float | None = Field(default=None, gt=0, description="USD, sub-calls included")
     seconds: float | None = Field(default=None, gt=0, description="wall time per request")

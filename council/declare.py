@@ -128,10 +128,15 @@ class Agent(_Peer):
     )
     compaction: Compaction = Field(default_factory=Compaction)
 
-    _types = field_validator("output", mode="before")(lambda v: _type_spec(v))
-    _input_types = field_validator("inputs", mode="before")(
-        lambda v: {k: TypeSpec.of(t) for k, t in (v or {}).items()}
-    )
+    @field_validator("output", mode="before")
+    @classmethod
+    def _output_type(cls, value: Any) -> TypeSpec | None:
+        return _type_spec(value)
+
+    @field_validator("inputs", mode="before")
+    @classmethod
+    def _input_types(cls, value: Any) -> dict[str, TypeSpec]:
+        return {k: TypeSpec.of(t) for k, t in (value or {}).items()}
 
     @property
     def signature(self) -> str:
@@ -189,7 +194,10 @@ class LLM(_Peer):
         default=None, description="the type of its answers; asked for as structured output"
     )
 
-    _types = field_validator("output", mode="before")(lambda v: _type_spec(v))
+    @field_validator("output", mode="before")
+    @classmethod
+    def _output_type(cls, value: Any) -> TypeSpec | None:
+        return _type_spec(value)
 
     @property
     def signature(self) -> str:

@@ -232,3 +232,22 @@ def test_readme_typed_council_declares_what_it_says():
 
 def test_readme_scripted_models_example_runs():
     exec(_readme_block("FunctionModel(chair)"), {"__name__": "readme_scripted"})
+
+
+def test_a_type_sent_to_another_process_checks_the_same_shape():
+    """A declaration loaded elsewhere: importable classes are imported again, anything
+    else is checked against its JSON schema."""
+    from agents.schema import Mismatch, TypeSpec
+
+    for tp, good, bad in [
+        (Verdict, {"ok": True, "score": 1}, {"ok": True}),
+        (list[int], [1, 2], ["x"]),
+        (dict[str, float], {"a": 1.5}, {"a": "high"}),
+    ]:
+        here = TypeSpec.of(tp)
+        there = TypeSpec.model_validate_json(here.model_dump_json())
+        assert there == here and there._type is None
+        assert there.validate_json_value(good)
+        with pytest.raises(Mismatch):
+            there.validate_json_value(bad)
+    assert TypeSpec.of(Verdict).path.endswith("test_typed:Verdict")
