@@ -215,6 +215,7 @@ class RLMAgent:
         self.compaction = compaction or Compaction()
         self._window = window
         self._window_known: int | None = None
+        self._window_checked = False
         self._bus: Bus | None = None
         self._conversations: dict[str, _Conversation] = {}
         self._spare: Repl | None = None
@@ -703,12 +704,13 @@ class RLMAgent:
         """The root model's context window in tokens: declared, or the model peer's own."""
         if self.compaction.window is not None:
             return self.compaction.window
-        if self._window_known is None and self._window is not None:
+        if not self._window_checked:  # once: a lookup in litellm's table may import it
             source = self._window
             if callable(source):
                 self._window_known = await anyio.to_thread.run_sync(source)
             else:
                 self._window_known = source
+            self._window_checked = True
         return self._window_known
 
     async def _compact(
