@@ -571,7 +571,9 @@ class RLMAgent:
         error = error_for(failure)
         error.usage = self._usage(run)
         error.partial = None
-        error.message = f"{self.name}: {failure.message}"
+        prefix = f"{self.name}: "
+        if not failure.message.startswith(prefix):
+            error.message = prefix + failure.message
         error.args = (error.message,)
         raise error
 

@@ -271,3 +271,27 @@ async def test_child_limits_past_the_remaining_budget_are_refused(nats_server, s
     ) as client:
         with pytest.raises(BadRequest, match="tokens=1000000000"):
             await client.call("root", "top", timeout=60)
+
+
+async def test_a_recursion_that_never_ends_is_cut_short_not_multiplied(nats_server, session_id):
+    """The issue's run: iterations=3, depth=2, code that recurses without catching. The
+    leaf (no `rlm` at the limit) uses its 3 turns and the closing one; its BudgetExhausted
+    is not caught above, so each level ends at once: 6 model calls, not 84."""
+    calls = 0
+
+    def model(messages, **_):
+        nonlocal calls
+        calls += 1
+        return code("FINAL(rlm('deeper', context='x'))")
+
+    async with serving(
+        nats_server.url,
+        session_id,
+        RLMAgent("root", can_spawn=True, limits=Limits(iterations=3, depth=2)),
+        LLMPeer("root-model", FunctionModel(model)),
+    ) as client:
+        with pytest.raises(BudgetExhausted) as err:
+            await client.call("root", "top", timeout=60)
+    assert calls == 6
+    assert err.value.usage.model_calls == 6
+    assert "3 iterations" in err.value.message and err.value.message.count("root:") == 1
