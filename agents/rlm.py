@@ -568,6 +568,8 @@ class RLMAgent:
         failure = result.failure
         if failure is None or failure.kind not in FINAL_FAILURES:
             return
+        if failure.kind == "budget_exhausted" and run.budget().exhausted:
+            return  # our own budget ran out: the loop ends with its partial result
         error = error_for(failure)
         error.usage = self._usage(run)
         error.partial = None

@@ -295,3 +295,24 @@ async def test_a_recursion_that_never_ends_is_cut_short_not_multiplied(nats_serv
     assert calls == 6
     assert err.value.usage.model_calls == 6
     assert "3 iterations" in err.value.message and err.value.message.count("root:") == 1
+
+
+async def test_a_budget_spent_by_the_code_ends_with_the_partial_result(nats_server, session_id):
+    """Sub-calls use up the run's own tokens mid-code: the run ends as its own budget
+    exhausted, with what the turn printed, not with the refused sub-call's bare failure."""
+
+    def root(messages, **_):
+        return code("for i in range(10):\n    print('got', llm(f'part {i}'))")
+
+    async with serving(
+        nats_server.url,
+        session_id,
+        RLMAgent("root", calls=[LLM], limits=Limits(tokens=3_000)),
+        LLMPeer("root-model", FunctionModel(root)),
+        LLMPeer("llm", FunctionModel(lambda m: "piece", usage=(500, 100))),
+    ) as client:
+        with pytest.raises(BudgetExhausted) as err:
+            await client.call("root", "spend", timeout=60)
+    assert "root stopped at the token budget" in err.value.message
+    assert "got piece" in err.value.partial
+    assert err.value.usage.tokens <= 3_000 + 600  # one sub-call may be in flight at the edge
