@@ -42,25 +42,22 @@ def code_blocks(reply: str) -> list[str]:
     return blocks
 
 
-_PLAIN_FINAL = re.compile(r"(?<![\w.])FINAL(_VAR)?\(", re.S)
+_PLAIN_FINAL = re.compile(r"^[ \t]*FINAL(_VAR)?\((.*)\)[ \t.]*$", re.M)
 
 
 def plain_final(reply: str) -> str | None:
     """Code for a `FINAL(...)` written as plain text, outside any code block; None if none.
 
-    Small models often answer `FINAL(42)` or `FINAL(The capital is Paris)` in prose. The
-    argument runs as an expression when it is one (so `FINAL(answer)` reads the variable),
-    and is taken as text when it is not Python or names nothing defined.
+    Small models often end with a line `FINAL(42)` or `FINAL(The capital is Paris)`. Only
+    a line that is the call alone counts (prose that mentions FINAL does not). The argument
+    runs as an expression when it is one (so `FINAL(answer)` reads the variable), and is
+    taken as text when it is not Python or names nothing defined.
     """
     matches = list(_PLAIN_FINAL.finditer(reply))
     if not matches:
         return None
     found = matches[-1]
-    start = found.end()
-    end = reply.rfind(")")
-    if end < start:
-        return None
-    arg = reply[start:end].strip()
+    arg = found.group(2).strip()
     if found.group(1):  # FINAL_VAR(name)
         return f"FINAL_VAR({arg.strip(chr(34) + chr(39))!r})"
     if not arg:

@@ -202,8 +202,8 @@ async def test_a_positional_context_is_handed_on_as_its_ref_unread(connect, sess
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("The answer is FINAL(42)", 42),
-        ("I am done. FINAL('Paris')", "Paris"),
+        ("The answer is:\nFINAL(42)", 42),
+        ("I am done.\n  FINAL('Paris').\nThat is all (really).", "Paris"),
         ("FINAL(The capital is Paris)", "The capital is Paris"),
         ("FINAL(Paris)", "Paris"),  # a name that is not defined: taken as text
     ],
@@ -222,6 +222,7 @@ async def test_a_plain_text_final_is_accepted_without_a_code_block(
 
 def test_plain_final_reads_a_variable_and_ignores_prose_without_final():
     assert plain_final("no answer here") is None
+    assert plain_final("When I know it I will call FINAL(answer) in code.") is None
     assert plain_final("FINAL_VAR('answer')") == "FINAL_VAR('answer')"
     assert "FINAL(__final)" in plain_final("FINAL(total)")
 
