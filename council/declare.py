@@ -638,7 +638,10 @@ def _reachable(council: Council, start: str) -> set[str]:
         if name in seen:
             continue
         seen.add(name)
-        todo += council.peer(name).calls_
+        peer = council.peer(name)
+        todo += peer.calls_
+        if isinstance(peer, Agent) and peer.compaction.model:
+            todo.append(peer.compaction.model)  # it writes the agent's summaries
     return seen
 
 
