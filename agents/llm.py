@@ -20,7 +20,9 @@ from typing import Any
 import anyio
 from anyio.abc import TaskStatus
 
+from agents import task
 from agents.models import (
+    LiteLLMModel,
     Messages,
     Model,
     ModelResponse,
@@ -28,9 +30,11 @@ from agents.models import (
     as_model,
     classify,
     estimate_tokens,
+    litellm,
     message_tokens,
     retry_after,
 )
+from agents.schema import Mismatch, TypeSpec
 from channels import log
 from channels.bus import DEFAULT_CONCURRENCY, Bus
 from channels.errors import (
@@ -103,8 +107,11 @@ class LLMPeer:
         backoff: float = 0.5,
         max_backoff: float = 30.0,
         serve_concurrency: int = DEFAULT_CONCURRENCY,
+        output: Any = None,
         **litellm_kwargs: Any,
     ) -> None:
+        """`output`: the type answers must have (pydantic model or TypeAdapter type): asked
+        for as structured output where the model takes it, validated either way."""
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, got {concurrency}")
         self.name = name
@@ -112,6 +119,9 @@ class LLMPeer:
         self.description = description or (
             f"a language model ({self.model.name}) that answers a prompt about an optional context"
         )
+        self.output = TypeSpec.of(output) if output is not None else None
+        if self.output is not None and signature == SIGNATURE:
+            signature = f"(prompt: str, context=None) -> {self.output.describe()}"
         self.signature = signature
         self.concurrency = concurrency
         self.max_retries = max_retries
@@ -152,6 +162,18 @@ class LLMPeer:
                 f"{self.name}: nothing to ask the model: the call has no prompt, context or messages"
             )
         self._refuse_too_large(messages, params, context)
+        wanted = getattr(self.model, "reads_task", ())
+        if wanted:  # a scripted model that asks for the request or the input as fields
+            params = {**params, **await _task(bus, call, context, wanted)}
+        if self.output is None:
+            text, usage = await self._ask(bus, call, messages, params)
+            return Reply(value=text, usage=usage)
+        return await self._typed(bus, call, messages, params)
+
+    async def _ask(
+        self, bus: Bus, call: Call, messages: Messages, params: dict[str, Any]
+    ) -> tuple[str, Usage]:
+        """One completion, published as an event."""
         started = time.perf_counter()
         response = await self._complete(messages, params, call)
         elapsed = time.perf_counter() - started
@@ -172,7 +194,44 @@ class LLMPeer:
                 usage=usage.model_copy(update={"wall_time": elapsed}),
             )
         )
-        return Reply(value=response.text, usage=usage)
+        return response.text, usage
+
+    async def _typed(
+        self, bus: Bus, call: Call, messages: Messages, params: dict[str, Any]
+    ) -> Reply:
+        """A reply of the declared type: structured output asked for where the model takes
+        it, the JSON validated either way; a reply that does not fit is sent back with the
+        errors, up to `TYPED_REPAIRS` times."""
+        spec = self.output
+        assert spec is not None
+        if "response_format" not in params and _takes_response_format(self.model):
+            params = {**params, "response_format": spec.response_format()}
+        spent = Usage()
+        messages = list(messages)
+        for attempt in range(TYPED_REPAIRS + 1):
+            text, usage = await self._ask(bus, call, messages, params)
+            spent = spent + usage
+            try:
+                data = spec.unwrap(json.loads(_json_part(text)))
+                return Reply(value=spec.validate_json_value(data, "the reply"), usage=spent)
+            except (ValueError, Mismatch) as e:
+                problem = "; ".join(e.errors) if isinstance(e, Mismatch) else f"not JSON ({e})"
+            if attempt == TYPED_REPAIRS:
+                raise PeerError(
+                    f"{self.name}: {self.model.name} did not answer with a {spec.name} after "
+                    f"{attempt + 1} tries (last problem: {problem}); use a model that follows "
+                    "JSON schemas, or simplify the type",
+                    usage=spent,
+                )
+            messages += [
+                {"role": "assistant", "content": text},
+                {
+                    "role": "user",
+                    "content": f"That reply does not fit {spec.describe()}: {problem}. "
+                    "Answer again with JSON of that type only.",
+                },
+            ]
+        raise AssertionError("unreachable")
 
     async def _complete(
         self, messages: Messages, params: dict[str, Any], call: Call
@@ -279,6 +338,49 @@ class LLMPeer:
             f"{window:,} tokens; split the context and ask about the pieces, or use a model "
             "with a larger window"
         )
+
+
+# -- typed replies and scripted models --------------------------------------------------------
+
+TYPED_REPAIRS = 2
+"""Times an LLM peer with a declared output type sends a reply that did not fit back."""
+
+
+def _takes_response_format(model: Any) -> bool:
+    """Whether to ask for structured output: scripted models and litellm models whose
+    provider takes `response_format` (litellm's own table says which)."""
+    if not isinstance(model, LiteLLMModel):
+        return True
+    try:
+        lib = litellm()
+        supported = lib.get_supported_openai_params(model=model.model) or []
+    except Exception:
+        return False
+    return "response_format" in supported
+
+
+def _json_part(text: str) -> str:
+    """The JSON in a reply, with a Markdown fence around it taken off."""
+    text = text.strip()
+    if text.startswith("```"):
+        text = text.split("\n", 1)[1] if "\n" in text else ""
+        text = text.rsplit("```", 1)[0]
+    return text.strip()
+
+
+async def _task(bus: Bus, call: Call, context: str | None, wanted: Any) -> dict[str, Any]:
+    """What a scripted model is given as fields: the request and its input. For an agent's
+    model call they are the agent's own (agents.task); otherwise this call's own. A stored
+    input is read only for a model that asks for it."""
+    working = task.of(call)
+    if working is not None:
+        request, value = working
+        if "context" in wanted and _holds_ref(value):
+            value = await _resolve(await bus.store(), value)
+    else:
+        request, value = call.prompt, context if _holds_ref(call.context) else call.context
+    fields = {"request": request, "context": value}
+    return {k: v for k, v in fields.items() if k in wanted}
 
 
 # -- building the request --------------------------------------------------------------------

@@ -434,6 +434,14 @@ class ScriptedModel:
     def remaining(self) -> int:
         return len(self.replies) - len(self.calls)
 
+    @property
+    def reads_task(self) -> frozenset[str]:
+        """The task fields the next scripted reply (a function) names."""
+        step = self.replies[len(self.calls)] if self.remaining > 0 else None
+        if not callable(step) or isinstance(step, ModelResponse | BaseException):
+            return frozenset()
+        return _keywords(step)[0] & frozenset(TASK_FIELDS)
+
     async def complete(self, messages: Messages, **params: Any) -> ModelResponse:
         n = len(self.calls)
         self.calls.append(messages)
@@ -448,7 +456,7 @@ class ScriptedModel:
         if isinstance(step, BaseException):
             raise step
         if callable(step) and not isinstance(step, ModelResponse):
-            step = step(messages)
+            step = step(messages, **_given(_keywords(step), params))
             if inspect.isawaitable(step):
                 step = await step
         return _response(step, messages, self.name, self.usage, self.cost)
@@ -485,24 +493,45 @@ class FunctionModel:
         self.context_window = context_window
         self.usage = usage
         self.cost = cost
-        self._takes_params = _accepts_keywords(fn)
+        self._accepts = _keywords(fn)
+
+    @property
+    def reads_task(self) -> frozenset[str]:
+        """The task fields the function names (the LLM peer reads only those)."""
+        return self._accepts[0] & frozenset(TASK_FIELDS)
 
     def __repr__(self) -> str:
         return f"FunctionModel({self.name!r})"
 
     async def complete(self, messages: Messages, **params: Any) -> ModelResponse:
-        out = self.fn(messages, **params) if self._takes_params else self.fn(messages)
+        out = self.fn(messages, **_given(self._accepts, params))
         if inspect.isawaitable(out):
             out = await out
         return _response(out, messages, self.name, self.usage, self.cost)
 
 
-def _accepts_keywords(fn: Callable[..., Any]) -> bool:
+TASK_FIELDS = ("request", "context")
+"""What the LLM peer gives a scripted model besides the messages: the request being worked
+on and its input (an agent's own, for its model peer). A function gets them by naming
+them as parameters, so `fn(messages, **params)` still sees only model parameters."""
+
+
+def _keywords(fn: Callable[..., Any]) -> tuple[frozenset[str], bool]:
+    """The named parameters `fn` takes after the messages, and whether it takes **kwargs."""
     try:
-        parameters = inspect.signature(fn).parameters.values()
+        parameters = list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError):
-        return True
-    return any(p.kind is p.VAR_KEYWORD for p in parameters) or len(list(parameters)) > 1
+        return frozenset(), True
+    rest = any(p.kind is p.VAR_KEYWORD for p in parameters)
+    named = frozenset(
+        p.name for p in parameters[1:] if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    )
+    return named, rest
+
+
+def _given(accepts: tuple[frozenset[str], bool], params: dict[str, Any]) -> dict[str, Any]:
+    named, rest = accepts
+    return {k: v for k, v in params.items() if k in named or (rest and k not in TASK_FIELDS)}
 
 
 def _ordinal(n: int) -> str:

@@ -6,6 +6,7 @@ and so a test can pin exactly what a model is shown.
 
 from __future__ import annotations
 
+import ast
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -41,6 +42,57 @@ def code_blocks(reply: str) -> list[str]:
     return blocks
 
 
+_PLAIN_FINAL = re.compile(r"^[ \t]*FINAL(_VAR)?\((.*)\)[ \t.]*$", re.M)
+
+
+def plain_final(reply: str) -> str | None:
+    """Code for a `FINAL(...)` written as plain text, outside any code block; None if none.
+
+    Small models often end with a line `FINAL(42)` or `FINAL(The capital is Paris)`. Only
+    a line that is the call alone counts (prose that mentions FINAL does not). The argument
+    runs as an expression when it is one (so `FINAL(answer)` reads the variable), and is
+    taken as text when it is not Python or names nothing defined.
+    """
+    matches = list(_PLAIN_FINAL.finditer(reply))
+    if not matches:
+        return None
+    found = matches[-1]
+    arg = found.group(2).strip()
+    if found.group(1):  # FINAL_VAR(name)
+        return f"FINAL_VAR({arg.strip(chr(34) + chr(39))!r})"
+    if not arg:
+        return None
+    try:
+        ast.parse(arg, mode="eval")
+    except SyntaxError:
+        return f"FINAL({arg!r})"
+    return f"try:\n    __final = ({arg})\nexcept NameError:\n    __final = {arg!r}\nFINAL(__final)"
+
+
+def literal_final(code: str) -> tuple[bool, object]:
+    """(True, value) when `code` is just `FINAL(<a Python literal>)`: an answer that needs
+    no REPL to read (the closing turn takes it even when the REPL is gone or out of time)."""
+    try:
+        tree = ast.parse(code.strip(), mode="exec")
+    except SyntaxError:
+        return False, None
+    if len(tree.body) != 1 or not isinstance(tree.body[0], ast.Expr):
+        return False, None
+    call = tree.body[0].value
+    if not (
+        isinstance(call, ast.Call)
+        and isinstance(call.func, ast.Name)
+        and call.func.id == "FINAL"
+        and len(call.args) == 1
+        and not call.keywords
+    ):
+        return False, None
+    try:
+        return True, ast.literal_eval(call.args[0])
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return False, None
+
+
 def describe_input(context: object) -> str:
     """Announce the input by kind, size and a preview only, whatever its size."""
     if isinstance(context, Ref):
@@ -61,6 +113,7 @@ def system_prompt(
     *,
     instructions: str = "",
     can_spawn: bool = False,
+    output: str | None = None,
 ) -> str:
     lines = [
         "You solve the user's request by writing Python that runs in a persistent REPL.",
@@ -93,6 +146,8 @@ def system_prompt(
         "When you have the answer, call FINAL(answer) in code, or FINAL_VAR('name') to",
         "answer with a variable. Do not write the answer as plain text: only FINAL ends the run.",
     ]
+    if output:
+        lines += ["", f"Your FINAL answer must be a value of this type: {output}"]
     if instructions:
         lines += ["", instructions.strip()]
     return "\n".join(lines)
@@ -105,5 +160,25 @@ NO_CODE = (
 
 LAST_TURN = (
     "You have reached a limit ({reason}). This is your last turn: call FINAL(...) now with "
-    "your best answer from what you have already found."
+    "your best answer from what you have already found. Calls to other peers are refused "
+    "in this turn."
+)
+
+WRONG_TYPE = (
+    "Your FINAL value does not fit the required type {name}: {errors}. The run goes on: "
+    "fix the value and call FINAL again."
+)
+
+FOLD_NOTE = (
+    "[Turns 1 to {folded} of this run were folded to keep the prompt inside the model's "
+    "window. Nothing is lost: every variable you defined is still in the REPL, and "
+    "`transcript` there is the list of all turns so far ({{'turn', 'reply', 'output'}} "
+    "dicts, oldest first): search it with code for details. Summary of those turns:]\n"
+    "{summary}"
+)
+
+SUMMARY_REQUEST = (
+    "[compaction] Summarise the agent's turns above in at most {words} words, for the agent "
+    "itself to carry on: what it found (names, numbers, variables it defined and what they "
+    "hold), what failed, and what is left to do. Facts only; no code."
 )

@@ -27,12 +27,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from agents.function import default_name, first_paragraph, signature_of
 from agents.human import SIGNATURE as HUMAN_SIGNATURE
-from agents.limits import Limits
+from agents.limits import Compaction, Limits
 from agents.prompt import PeerSpec
+from agents.schema import TypeSpec, signature
 from channels import subjects
 from channels.errors import CouncilError, InvalidName
 
@@ -124,10 +125,27 @@ class Agent(_Peer):
         le=512,
         description="requests answered at once (each runs in a REPL worker process of its own)",
     )
+    output: TypeSpec | None = Field(
+        default=None, description="the type of its answers (a pydantic model or TypeAdapter type)"
+    )
+    inputs: dict[str, TypeSpec] = Field(
+        default_factory=dict, description="types of `context` and of named args it takes"
+    )
+    compaction: Compaction = Field(default_factory=Compaction)
+
+    @field_validator("output", mode="before")
+    @classmethod
+    def _output_type(cls, value: Any) -> TypeSpec | None:
+        return _type_spec(value)
+
+    @field_validator("inputs", mode="before")
+    @classmethod
+    def _input_types(cls, value: Any) -> dict[str, TypeSpec]:
+        return {k: TypeSpec.of(t) for k, t in (value or {}).items()}
 
     @property
     def signature(self) -> str:
-        return "(prompt: str, context=None) -> Any"
+        return signature(self.inputs, self.output)
 
     @property
     def repl_slots(self) -> int:
@@ -165,6 +183,8 @@ class Agent(_Peer):
             bits.append(f"limits: {summary}")
         if self.sandbox != "on":
             bits.append(f"sandbox={self.sandbox}")
+        if self.output is not None:
+            bits.append(f"-> {self.output.name}")
         if self.instructions:
             bits.append(_quote(self.instructions))
         return "  ".join(bits)
@@ -177,9 +197,24 @@ class LLM(_Peer):
     model: str | None = None
     concurrency: int = Field(default=8, ge=1)
     params: dict[str, Any] = Field(default_factory=dict)
+    output: TypeSpec | None = Field(
+        default=None, description="the type of its answers; asked for as structured output"
+    )
+
+    @field_validator("output", mode="before")
+    @classmethod
+    def _output_type(cls, value: Any) -> TypeSpec | None:
+        return _type_spec(value)
+
+    @property
+    def signature(self) -> str:
+        if self.output is None:
+            return super().signature
+        return f"(prompt: str, context=None) -> {self.output.describe()}"
 
     def line(self) -> str:
-        return f"llm  model={self.model or '?'}"
+        typed = f"  -> {self.output.name}" if self.output is not None else ""
+        return f"llm  model={self.model or '?'}{typed}"
 
 
 class Human(_Peer):
@@ -265,6 +300,10 @@ class Function(_Peer):
 
     def line(self) -> str:
         return f"function {self.signature}  ({self.fn})"
+
+
+def _type_spec(value: Any) -> TypeSpec | None:
+    return None if value is None else TypeSpec.of(value)
 
 
 PeerDecl = Annotated[Agent | LLM | Human | Function, Field(discriminator="kind")]
@@ -438,6 +477,12 @@ class Council(BaseModel):
                         f"{p.kind} {p.name!r} calls {callee!r}, which is not a peer of this "
                         f"council{_did_you_mean(callee, seen)}"
                     )
+            summariser = p.compaction.model if isinstance(p, Agent) else None
+            if summariser is not None and not isinstance(self._find(summariser), LLM):
+                out.append(
+                    f"agent {p.name!r} folds its turns with {summariser!r}, which is not an LLM "
+                    "peer of this council; declare LLM(name=..., model=...) or drop compaction.model"
+                )
             if len(set(p.calls_)) != len(p.calls_):
                 out.append(f"{p.kind} {p.name!r} lists a callee twice in calls")
         if self.entry not in seen:
@@ -454,6 +499,9 @@ class Council(BaseModel):
         return self
 
     # -- reading it ----------------------------------------------------------------------
+
+    def _find(self, name: str) -> Agent | LLM | Human | Function | None:
+        return next((p for p in self.peers if p.name == name), None)
 
     def peer(self, name: str) -> Agent | LLM | Human | Function:
         for p in self.peers:
@@ -497,8 +545,9 @@ class Council(BaseModel):
                 calls = [*p.calls, p.model_peer, p.repl_peer]
                 if p.can_spawn:
                     calls.append(p.child_peer)
-                out[p.name] = calls
                 out[p.repl_peer] = list(calls)
+                summariser = p.compaction.model
+                out[p.name] = calls + ([summariser] if summariser not in (None, *calls) else [])
                 out[p.model_peer] = []
             elif isinstance(p, Human):
                 out[p.name] = []
@@ -608,7 +657,10 @@ def _reachable(council: Council, start: str) -> set[str]:
         if name in seen:
             continue
         seen.add(name)
-        todo += council.peer(name).calls_
+        peer = council.peer(name)
+        todo += peer.calls_
+        if isinstance(peer, Agent) and peer.compaction.model:
+            todo.append(peer.compaction.model)  # it writes the agent's summaries
     return seen
 
 

@@ -121,7 +121,12 @@ def build(
     models = models or {}
 
     def model(spec: str) -> Any:
-        return models.get(spec, spec)
+        """`models` may be keyed by the peer's name (or an agent's model peer) or by the
+        model string."""
+        for key in (decl.name, getattr(decl, "model_peer", None), spec):
+            if key is not None and key in models:
+                return models[key]
+        return spec
 
     if isinstance(decl, Function):
         from agents.function import FunctionPeer
@@ -139,6 +144,7 @@ def build(
                 model(council.model_of(decl)),
                 description=decl.description,
                 concurrency=decl.concurrency,
+                output=decl.output,
                 **decl.params,
             )
         ]
@@ -154,6 +160,11 @@ def build(
         repl_options: dict[str, Any] = {"slots": decl.repl_slots, "sandbox": decl.sandbox}
         if user:
             repl_options |= {"user": user, "password": password}
+        thinker = llm.LLMPeer(
+            decl.model_peer,
+            model(council.model_of(decl)),
+            description=f"the model that {decl.name} thinks with",
+        )
         agent = rlm.RLMAgent(
             decl.name,
             model=decl.model_peer,
@@ -164,11 +175,10 @@ def build(
             can_spawn=decl.can_spawn,
             concurrency=decl.concurrency,
             repl_options=repl_options,
-        )
-        thinker = llm.LLMPeer(
-            decl.model_peer,
-            model(council.model_of(decl)),
-            description=f"the model that {decl.name} thinks with",
+            output=decl.output,
+            inputs=decl.inputs,
+            compaction=decl.compaction,
+            window=lambda: thinker.model.context_window,
         )
         return [agent, thinker]
     raise TypeError(f"unknown kind of peer: {decl!r}")
@@ -280,7 +290,7 @@ class Session:
         """For the cassette's header: the model behind each peer a replay would answer."""
         _, models = answered_by_models_or_humans(self.council)
         for peer, spec in models.items():
-            given = self.models.get(spec)
+            given = self.models.get(peer, self.models.get(spec))
             if given is not None:
                 models[peer] = given if isinstance(given, str) else getattr(given, "name", spec)
         return models

@@ -68,7 +68,7 @@ def scripted(messages: list[dict[str, Any]], **_: Any) -> str:
 def test_readme_council_example_declares_and_runs_with_scripted_models():
     """The README's council, exactly as declared there; only the models are scripted."""
     namespace: dict[str, Any] = {"__name__": "readme_example"}
-    exec(_python_block("Council("), namespace)
+    exec(_python_block("critic_a"), namespace)
     council = namespace["council"]
     asked: list[str] = []
 
@@ -98,13 +98,13 @@ def test_readme_replayed_test_runs_offline_from_its_cassette(pytester, nats_serv
     then run the README's test file as written: it replays, with no model and no key."""
     monkeypatch.setenv("NATS_URL", nats_server.url)
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    pytester.makepyfile(review=_python_block("Council("))
+    pytester.makepyfile(review=_python_block("critic_a"))
     paper = "A paper. " * 5_000
     (pytester.path / "paper.txt").write_text(paper)
     test_file = pytester.makepyfile(test_review=_python_block("council_cassette"))
 
     namespace: dict[str, Any] = {"__name__": "readme_example"}
-    exec(_python_block("Council("), namespace)
+    exec(_python_block("critic_a"), namespace)
     cassette = test_file.parent / "cassettes" / "test_review" / "test_the_chair_asks_ada.jsonl"
     cassette.parent.mkdir(parents=True)
     run(

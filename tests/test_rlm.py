@@ -14,11 +14,11 @@ import pytest
 
 from agents.limits import Limits
 from agents.llm import LLMPeer
-from agents.models import FunctionModel, ModelResponse
+from agents.models import FunctionModel, ModelResponse, ScriptedModel, message_tokens
 from agents.prompt import PeerSpec
 from agents.rlm import RLMAgent
 from channels import subjects
-from channels.errors import BudgetExhausted
+from channels.errors import BudgetExhausted, DepthExceeded
 from channels.messages import Completion, Ref, decode
 from tests.conftest import serving
 
@@ -143,7 +143,7 @@ def forever(messages, **_):
     ("limits", "model_cost", "reason"),
     [
         (Limits(iterations=3), None, "3 iterations"),
-        (Limits(tokens=50), None, "token budget"),
+        (Limits(tokens=3000), None, "token budget"),
         (Limits(cost=0.05), 0.02, "cost budget"),
         (Limits(seconds=1.5), None, "time limit"),
     ],
@@ -151,20 +151,28 @@ def forever(messages, **_):
 async def test_every_limit_ends_with_budget_exhausted_and_the_partial_result(
     nats_server, session_id, limits, model_cost, reason
 ):
+    """Each limit stops the run with room left for a closing turn, and is not passed:
+    a model call that the tokens or money left could not pay for is not made."""
     turns = 0
 
     def root(messages, **_):
         nonlocal turns
         turns += 1
         if "last turn" in messages[-1]["content"]:
-            return code("FINAL('best guess')")
-        body = (
-            "import time\ntime.sleep(0.4)\nprint('still looking')"
-            if limits.seconds
-            else "print('still looking')"
-        )
+            text = code("FINAL('best guess')")
+        else:
+            text = code(
+                "import time\ntime.sleep(0.4)\nprint('still looking')"
+                if limits.seconds
+                else "print('still looking')"
+            )
+        # Tokens as the estimate counts them (what the agent foresees), the cost as given.
         return ModelResponse(
-            text=code(body), input_tokens=10, output_tokens=5, cost=model_cost, model="root"
+            text=text,
+            input_tokens=message_tokens(messages),
+            output_tokens=len(text) // 4,
+            cost=model_cost,
+            model="root",
         )
 
     async with serving(
@@ -177,7 +185,14 @@ async def test_every_limit_ends_with_budget_exhausted_and_the_partial_result(
             await client.call("root", "never finishes", timeout=60)
     assert reason in err.value.message
     assert err.value.partial == "best guess"
-    assert err.value.usage is not None and err.value.usage.model_calls == turns
+    usage = err.value.usage
+    assert usage is not None and usage.model_calls == turns
+    if limits.tokens is not None:
+        assert usage.tokens <= limits.tokens
+    if limits.cost is not None:
+        assert usage.cost <= limits.cost
+    if limits.seconds is not None:
+        assert usage.wall_time <= limits.seconds + 1.0
 
 
 async def test_time_limit_stops_a_long_sub_call(nats_server, session_id):
@@ -241,22 +256,19 @@ async def test_usage_is_exact_over_a_depth_two_tree_with_fan_out(nats_server, se
 
 
 async def test_a_child_past_the_depth_limit_is_refused(nats_server, session_id):
-    """Root (depth 0) starts a child (depth 1), whose own child (depth 2) is refused."""
-
-    def text(messages):
-        if len(messages) == 2:
-            return code("r = rlm('go deeper', context='x')\nFINAL(r)")
-        return code(f"FINAL({messages[-1]['content'][-300:]!r})")
-
+    """A child call at depth 2 under a depth limit of 1 is refused before any model call
+    (code never gets to send one: `rlm` is not offered at the limit, see test_loop.py)."""
+    model = ScriptedModel([])
     async with serving(
         nats_server.url,
         session_id,
-        RLMAgent("root", can_spawn=True, limits=Limits(depth=1, iterations=4)),
-        LLMPeer("root-model", FunctionModel(lambda m, **_: text(m))),
+        RLMAgent("root", can_spawn=True, limits=Limits(depth=1)),
+        LLMPeer("root-model", model),
     ) as client:
-        reply = await client.call("root", "top", timeout=60)
-    # The child saw the typed refusal in its REPL output and passed it up as its answer.
-    assert "DepthExceeded" in reply.value and "depth 2" in reply.value
+        call = client.make_call("root-child", "go deeper", timeout=60)
+        with pytest.raises(DepthExceeded, match="depth 2"):
+            await client.send(call.model_copy(update={"depth": 2}))
+    assert model.calls == []
 
 
 async def test_a_conversation_keeps_early_facts_in_history_not_in_the_prompt(

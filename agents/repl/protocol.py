@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from agents.repl.sandbox import Policy
-from channels.messages import Usage, Value
+from channels.messages import Failure, Usage, Value
 
 Status = Literal["ok", "error", "timeout", "crashed"]
 
@@ -60,6 +60,9 @@ class ExecResult(BaseModel):
     stdout_cut: int = 0
     stderr_cut: int = 0
     notes: list[str] = Field(default_factory=list, description="plain-language notices")
+    failure: Failure | None = Field(
+        default=None, description="the failed call that ended the code, if it was not caught"
+    )
 
     @property
     def ok(self) -> bool:

@@ -45,6 +45,7 @@ class Outcome:
     value: str | None = None
     error: str | None = None
     final: bool = False
+    failed: BaseException | None = None  # what ended the code, when it was an exception
 
 
 def parse(code: str, filename: str) -> ast.Module:
@@ -74,13 +75,15 @@ def needs_context(tree: ast.AST, passthrough: set[str]) -> bool:
 
 
 def _forwarded(node: ast.Name, parents: dict[ast.AST, ast.AST], passthrough: set[str]) -> bool:
+    """`peer(prompt, context)`, `peer(prompt, context=context)`, `peer.start(...)` the same
+    way, or `FINAL(context)`: the name is handed on as it is, a Ref when it is one."""
     parent = parents.get(node)
     if isinstance(parent, ast.keyword) and parent.arg == "context":
         call = parents.get(parent)
+        position = None
     elif isinstance(parent, ast.Call) and node in parent.args:
         call = parent
-        if not (isinstance(call.func, ast.Name) and call.func.id == "FINAL"):
-            return False
+        position = parent.args.index(node)
     else:
         return False
     if not isinstance(call, ast.Call):
@@ -88,7 +91,11 @@ def _forwarded(node: ast.Name, parents: dict[ast.AST, ast.AST], passthrough: set
     func = call.func
     if isinstance(func, ast.Attribute) and func.attr == "start":
         func = func.value
-    return isinstance(func, ast.Name) and (func.id in passthrough or func.id == "FINAL")
+    if not isinstance(func, ast.Name):
+        return False
+    if func.id == "FINAL":
+        return position in (None, 0)
+    return func.id in passthrough and position in (None, 1)
 
 
 def run(code: str, namespace: dict[str, Any], *, filename: str, value_cap: int) -> Outcome:
@@ -118,7 +125,7 @@ def run(code: str, namespace: dict[str, Any], *, filename: str, value_cap: int) 
             "call FINAL(answer) to finish instead",
         )
     except BaseException as e:
-        return Outcome("error", error=format_error(e))
+        return Outcome("error", error=format_error(e), failed=e)
     if value is None:
         return Outcome("ok")
     namespace["_"] = value

@@ -46,7 +46,7 @@ from agents.repl.peers import (
 from agents.repl.protocol import ExecResult, PeerInfo, WorkerConfig, WorkerStats
 from channels import log
 from channels.bus import Bus
-from channels.errors import BadRequest, CallFailed, CouncilError
+from channels.errors import BadRequest, BudgetExhausted, CallFailed, CouncilError
 from channels.messages import Call, Ref, Usage
 from channels.process import die_with_parent
 
@@ -266,6 +266,12 @@ class Worker:
 
     async def call(self, peer: PeerInfo, prompt: str, context: Any, args: dict[str, Any]) -> Any:
         parent = self.parent
+        if parent is not None and parent.budget is not None:
+            if parent.budget.after(self.spent).exhausted:
+                raise BudgetExhausted(
+                    f"{peer.name}() was not called: no budget is left for calls from this code "
+                    f"({parent.budget.after(self.spent)}); answer from what you already have"
+                )
         async with self._limit(peer):  # the limit covers storing a big context, too
             if context is not None and json_size(context, self.inline_limit) > self.inline_limit:
                 context = await self.store_put(context)
@@ -385,6 +391,11 @@ class Worker:
             stdout_cut=out.cut,
             stderr_cut=err.cut,
             notes=notes,
+            failure=(
+                outcome.failed.to_failure(call.id)
+                if isinstance(outcome.failed, CallFailed)
+                else None
+            ),
         )
 
     def _run_cell(self, code: str, filename: str) -> runner.Outcome:
