@@ -35,9 +35,11 @@ from agents.limits import Limits
 from agents.prompt import PeerSpec
 from channels import subjects
 from channels.errors import CouncilError, InvalidName
+from council.mcp import MCP
 
 __all__ = [
     "LLM",
+    "MCP",
     "Agent",
     "Council",
     "Function",
@@ -260,7 +262,7 @@ class Function(_Peer):
         return f"function {self.signature}  ({self.fn})"
 
 
-PeerDecl = Annotated[Agent | LLM | Human | Function, Field(discriminator="kind")]
+PeerDecl = Annotated[Agent | LLM | Human | Function | MCP, Field(discriminator="kind")]
 
 RESERVED = {"admin"}
 
@@ -448,7 +450,7 @@ class Council(BaseModel):
 
     # -- reading it ----------------------------------------------------------------------
 
-    def peer(self, name: str) -> Agent | LLM | Human | Function:
+    def peer(self, name: str) -> Agent | LLM | Human | Function | MCP:
         for p in self.peers:
             if p.name == name:
                 return p

@@ -42,6 +42,7 @@ from channels.messages import Call, Reply, Usage, Value, new_id
 from channels.server import embedded_server
 from council.cassette import Cassette
 from council.declare import LLM, Agent, Council, Function, Human
+from council.mcp import MCP, learn_tools, servers_first
 from council.record import Recorder, answered_by_models_or_humans
 from council.replay import Replayer, ReplayMismatch
 
@@ -122,6 +123,8 @@ def build(
     def model(spec: str) -> Any:
         return models.get(spec, spec)
 
+    if isinstance(decl, MCP):
+        return [decl.peer()]
     if isinstance(decl, Function):
         from agents.function import FunctionPeer
 
@@ -228,7 +231,8 @@ class Session:
         session = session or (given.session if given else None)
         self.use_rights = given is None and bool(rights) and nats_url is None
         self.session = subjects.check_name(session or "s" + new_id()[:12], "session")
-        self.local = list(council.names() if local is None else local)
+        # MCP servers first: the agents that call them are told their tools (council/mcp.py)
+        self.local = servers_first(council, council.names() if local is None else local)
         for name in self.local:
             council.peer(name)  # KeyError naming the known peers
         self.humans = dict(humans or {})
@@ -360,6 +364,8 @@ class Session:
         stack.callback(tg.cancel_scope.cancel)  # runs first on exit: stop every peer
         self._tg = tg
         for name in self.local:
+            if not isinstance(self.council.peer(name), MCP):
+                await learn_tools(self.council, self.client)  # once: only tools not yet learnt
             if name in self.replayed:
                 continue  # an LLM peer or a human: the cassette answers
             for peer in build(self.council, name, models=self.models, credentials=self.credentials):

@@ -1,0 +1,174 @@
+"""MCP servers as peers: a real MCP server (the SDK's MCPServer, tests/mcp_notes_server.py)
+started as a subprocess over stdio, called from an agent's REPL code under the council's
+rights, its failures typed, the council going on after the server dies mid-call."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agents.mcp import MCPPeer, tool_signature
+from agents.models import FunctionModel
+from channels.errors import BadRequest, PeerError, Unavailable
+from council.cassette import Cassette
+from council.declare import Agent, Council
+from council.mcp import MCP
+from council.session import Session
+from council.trace import build
+from tests.conftest import pid_alive, serving
+
+pytest.importorskip("mcp", reason="MCP peers need the `mcp` extra")
+pytestmark = pytest.mark.anyio
+
+
+def gone(pid: int, within: float = 10.0) -> bool:
+    deadline = time.monotonic() + within
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not pid_alive(pid)
+
+
+SERVER = [sys.executable, str(Path(__file__).with_name("mcp_notes_server.py"))]
+
+
+def test_json_schemas_read_as_python_signatures():
+    schema = {
+        "type": "object",
+        "properties": {
+            "path": {"type": "string"},
+            "limit": {"type": "integer", "default": 10},
+            "tags": {"type": "array", "items": {"type": "string"}},
+            "mode": {"enum": ["r", "w"]},
+            "n": {"anyOf": [{"type": "integer"}, {"type": "null"}]},
+        },
+        "required": ["path", "tags"],
+    }
+    out = {"type": "object", "properties": {"result": {"type": "integer"}}}
+    assert tool_signature(schema, out) == (
+        "(path: str, tags: list[str], limit: int = 10, mode: Literal['r', 'w'] = None, "
+        "n: int | None = None) -> int"
+    )
+    assert tool_signature({"type": "object"}, None) == "()"
+    assert tool_signature(schema, {"type": "object", "properties": {"a": {}}}).endswith("-> dict")
+    assert tool_signature({}, {"type": "object", "additionalProperties": {"type": "integer"}}) == (
+        "() -> dict[str, int]"
+    )
+
+
+async def test_the_peer_serves_the_tools_and_types_every_failure(nats_server, session_id):
+    peer = MCPPeer("notes", SERVER)
+    async with serving(nats_server.url, session_id, peer) as bus:
+        tools = (await bus.call("notes", "", timeout=60)).value
+        by_name = {t["name"]: t for t in tools}
+        assert set(by_name) == {"add", "read_note", "stats", "crash"}
+        assert by_name["add"]["signature"] == "(a: int, b: int = 2) -> int"
+        assert by_name["add"]["description"] == "Add two integers."
+
+        assert (await bus.call("notes", "add", args={"a": 40})).value == 42
+        stats = (await bus.call("notes", "stats", args={"words": ["ab", "cde"]})).value
+        assert stats["words"] == 2 and stats["chars"] == 5
+        first_pid = stats["pid"]
+
+        with pytest.raises(PeerError, match=r"notes\.read_note failed"):  # the tool's own error
+            await bus.call("notes", "read_note", args={"name": "nope"})
+        with pytest.raises(BadRequest, match=r"missing 'a'.*\(a: int, b: int = 2\)"):
+            await bus.call("notes", "add", args={"b": 1})
+        with pytest.raises(BadRequest, match="no argument 'c'"):
+            await bus.call("notes", "add", args={"a": 1, "c": 1})
+        with pytest.raises(BadRequest, match=r"no tool .delete.*add, read_note"):
+            await bus.call("notes", "delete")
+        with pytest.raises(PeerError, match="validation error"):  # the server checks values
+            await bus.call("notes", "add", args={"a": "not a number"})
+
+        # The server dies in the middle of a call: a typed failure, then a fresh server.
+        with pytest.raises(Unavailable, match=r"failed during crash.*restarted"):
+            await bus.call("notes", "crash", timeout=60)
+        assert gone(first_pid)
+        again = (await bus.call("notes", "stats", args={"words": ["x"]}, timeout=60)).value
+        assert again["words"] == 1 and again["pid"] != first_pid
+        assert (await bus.call("notes", "read_note", args={"name": "plan"})).value == (
+            "ship on friday"
+        )
+    assert gone(again["pid"])  # stopping the peer stops its server
+
+
+async def test_a_server_that_cannot_start_is_unavailable_with_the_reason(nats_server, session_id):
+    peer = MCPPeer("ghost", ["/nonexistent/mcp-server"], connect_timeout=20)
+    async with serving(nats_server.url, session_id, peer) as bus:
+        with pytest.raises(Unavailable, match=r"could not start or reach.*nonexistent"):
+            await bus.call("ghost", "anything", timeout=30)
+
+
+def test_a_declaration_needs_exactly_one_server():
+    with pytest.raises(ValueError, match="either command"):
+        MCP("files")
+    with pytest.raises(ValueError, match="either command"):
+        MCP("files", command=["x"], url="http://localhost:1/mcp")
+    council = Council(
+        entry="chair",
+        peers=[Agent("chair", model="m", calls=["files"]), MCP("files", command=["srv"])],
+    )
+    assert Council.from_json(council.to_json()) == council
+    assert "files  mcp  srv" in council.show()
+    assert council.edges()["chair"][0] == "files"
+
+
+CHAIR = """```python
+print(notes("add", a=2, b=3))
+try:
+    notes("read_note", name="missing")
+except CallFailed as e:
+    print("tool error:", type(e).__name__)
+try:
+    notes("crash")
+except CallFailed as e:
+    print("server died:", type(e).__name__)
+words = notes("stats", words=context.split())
+FINAL({"sum": notes("add", a=20), "words": words["words"], "pid": words["pid"],
+       "plan": notes("read_note", name="plan")})
+```"""
+
+
+def chair_model(seen: list[Any]) -> FunctionModel:
+    def think(messages: list[dict[str, Any]]) -> str:
+        seen.append(messages)
+        return CHAIR
+
+    return FunctionModel(think)
+
+
+async def test_an_agent_calls_mcp_tools_from_its_repl_under_rights_and_is_recorded(tmp_path):
+    council = Council(
+        entry="chair",
+        peers=[
+            Agent("chair", model="thinker", calls=["notes"]),
+            MCP("notes", command=SERVER, description="the team's notes"),
+        ],
+    )
+    seen: list[Any] = []
+    cassette = tmp_path / "mcp.jsonl"
+    async with Session(council, models={"thinker": chair_model(seen)}, record=cassette) as s:
+        assert s.use_rights  # the embedded server enforces the council's edges
+        result = await s.ask("count these words", context="one two three four", timeout=120)
+    pid = result.value.pop("pid")
+    assert result.value == {"sum": 22, "words": 4, "plan": "ship on friday"}
+    assert gone(pid)  # the session's end stopped the (restarted) server
+
+    system = seen[0][0]["content"]  # the agent was told each tool with its signature
+    assert "notes(tool: str = '', **arguments) -> Any: the team's notes" in system
+    assert 'notes("add", ...) with (a: int, b: int = 2) -> int: Add two integers.' in system
+    assert 'notes("stats", ...) with (words: list[str]) -> dict' in system
+
+    trace = build(Cassette.load(cassette))
+    tool_calls = [n for n in trace.nodes.values() if n.call.callee == "notes"]
+    by_tool = {}
+    for n in tool_calls:
+        by_tool.setdefault(n.call.prompt, []).append(n)
+    assert by_tool["add"][0].value == 5 and by_tool["add"][0].call.caller.startswith("chair-repl")
+    assert by_tool["read_note"][0].status == "peer_error"
+    assert by_tool["crash"][0].status == "unavailable"
+    assert by_tool[""][0].call.caller == "admin"  # the session learnt the tools first
