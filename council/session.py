@@ -512,6 +512,12 @@ class Session:
             return context
         return await store.put(context)
 
+    def events(self, **options: Any) -> Any:
+        """The session's typed events as they happen, for apps (council/events.py)."""
+        from council.events import EventStream
+
+        return EventStream(self, **options)
+
     def call_in(self, fn: Callable[[], Awaitable[Any]]) -> None:
         """Run `fn` alongside the peers until the session ends (progress displays, etc.)."""
         assert self._tg is not None, "enter the session first"
