@@ -45,6 +45,7 @@ from council.declare import LLM, Agent, Council, Function, Human
 from council.mcp import MCP, learn_tools, servers_first
 from council.record import Recorder, answered_by_models_or_humans
 from council.replay import Replayer, ReplayMismatch
+from council.telemetry import attach as attach_telemetry
 
 _log = log.get("council.session")
 
@@ -210,6 +211,7 @@ class Session:
         replay: str | Path | Cassette | Replayer | None = None,
         strict: bool = False,
         replay_live: bool = False,
+        telemetry: Any = None,
     ) -> None:
         """`record`: the cassette to write (its blobs go beside it). `replay`: a cassette (or
         a Replayer, to choose the peers or how requests match) whose recorded answers stand in
@@ -217,7 +219,9 @@ class Session:
         replayed human. At exit the unused recordings are logged; with `strict` a request the
         cassette did not hold raises ReplayMismatch, and unused recordings UnusedRecordings.
         `replay_live`: a request the cassette does not hold is answered by the real peer
-        instead (pytest's new_episodes); human endpoints are then opened as usual."""
+        instead (pytest's new_episodes); human endpoints are then opened as usual.
+        `telemetry`: export OpenTelemetry spans (True, an OTLP/HTTP URL or a SpanExporter;
+        by default when OTEL_EXPORTER_OTLP_ENDPOINT is set): council/telemetry.py."""
         self.council = council.check()
         self.nats_url = nats_url
         # True: generate users for the embedded server. A Rights: the users an external
@@ -248,6 +252,7 @@ class Session:
         self.record_options: dict[str, Any] = {}  # more Recorder options (e.g. blobs=...)
         self.strict = strict
         self.replay_live = replay_live
+        self.telemetry = telemetry
         self.replayer = self._replayer(replay) if replay is not None else None
         self.replayed: set[str] = set(self.replayer.names) if self.replayer else set()
         for name in list(self.humans):
@@ -363,6 +368,7 @@ class Session:
         tg = await stack.enter_async_context(anyio.create_task_group())
         stack.callback(tg.cancel_scope.cancel)  # runs first on exit: stop every peer
         self._tg = tg
+        await attach_telemetry(self)  # off unless configured
         for name in self.local:
             if not isinstance(self.council.peer(name), MCP):
                 await learn_tools(self.council, self.client)  # once: only tools not yet learnt
