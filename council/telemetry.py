@@ -84,9 +84,7 @@ def exporter(setting: Any) -> Any:
         return OTLPSpanExporter(endpoint=url if url.endswith("/v1/traces") else url + "/v1/traces")
     if hasattr(setting, "export") and hasattr(setting, "shutdown"):
         return setting
-    raise TypeError(
-        f"telemetry={setting!r}: use True, False, an OTLP/HTTP URL or a SpanExporter"
-    )
+    raise TypeError(f"telemetry={setting!r}: use True, False, an OTLP/HTTP URL or a SpanExporter")
 
 
 # -- ids from call ids ---------------------------------------------------------------------

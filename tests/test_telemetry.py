@@ -88,9 +88,24 @@ async def test_a_two_process_council_is_one_trace_shaped_like_council_trace(tmp_
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "OTEL_"))}
     with otlp_receiver() as (url, got), running_server() as server:
         other = subprocess.Popen(  # noqa: ASYNC220 (started once, before any awaiting)
-            [sys.executable, "-m", "council.cli", "serve", f"{file}:council", "--peer",
-             "critic", "--nats", server.url, "--session", session],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+            [
+                sys.executable,
+                "-m",
+                "council.cli",
+                "serve",
+                f"{file}:council",
+                "--peer",
+                "critic",
+                "--nats",
+                server.url,
+                "--session",
+                session,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=ROOT,
         )
         try:
             line = other.stdout.readline()
@@ -143,7 +158,7 @@ async def test_a_two_process_council_is_one_trace_shaped_like_council_trace(tmp_
     assert counter.parent_span_id == critic.span_id
     assert critic_attrs["gen_ai.tool.name"] == "critic"
 
-    chat, chat_attrs = only("chat thinker")  # GenAI conventions for the model call
+    _, chat_attrs = only("chat thinker")  # GenAI conventions for the model call
     assert chat_attrs["gen_ai.operation.name"] == "chat"
     assert chat_attrs["gen_ai.request.model"] == "thinker"
     assert (chat_attrs["gen_ai.usage.input_tokens"], chat_attrs["gen_ai.usage.output_tokens"]) == (
@@ -156,7 +171,7 @@ async def test_a_two_process_council_is_one_trace_shaped_like_council_trace(tmp_
     assert agent.parent_span_id == b"" and agent.span_id == span_id(root_id).to_bytes(8, "big")
     assert agent_attrs["council.usage.model_calls"] == 1
 
-    repl, repl_attrs = only("repl exec")
+    _, repl_attrs = only("repl exec")
     assert "critic(" in repl_attrs["council.repl.code"]
     assert repl_attrs["council.repl.status"] == "ok"
     assert "3 words, fine" in repl_attrs["council.repl.output"]
