@@ -3,6 +3,8 @@ code that calls an LLM peer, a human and a failing function) seen as typed event
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -169,3 +171,20 @@ async def test_events_need_a_running_session():
     with pytest.raises(RuntimeError, match="not running"):
         async for _ in s.events():
             pass
+
+
+async def test_the_readme_events_example_runs(capsys):
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```python\n(.+?)\n```", readme, re.S) if "def watch" in b]
+    space: dict[str, Any] = {}
+    exec(block, space)
+    no_context = CODE.replace('"summarise: " + context', '"summarise"')
+    scripted = models() | {"thinker": ScriptedModel([no_context], name="thinker", usage=(120, 30))}
+    value = await space["watch"](
+        COUNCIL, "the draft", models=scripted, humans={"ada": ScriptedHuman("ada", ["yes"])}
+    )
+    assert value == str({"note": "short note", "verdict": "yes"}).replace("'", '"')
+    out = capsys.readouterr().out
+    assert "admin -> chair: 'the draft'" in out
+    assert "  thinker: 120+30 tokens" in out
+    assert "  checker failed (peer_error): checker: RuntimeError: the checker fell over" in out

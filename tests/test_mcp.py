@@ -4,6 +4,7 @@ rights, its failures typed, the council going on after the server dies mid-call.
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any
 import pytest
 
 from agents.mcp import MCPPeer, tool_signature
-from agents.models import FunctionModel
+from agents.models import FunctionModel, ScriptedModel
 from channels.errors import BadRequest, PeerError, Unavailable
 from council.cassette import Cassette
 from council.declare import Agent, Council
@@ -172,3 +173,21 @@ async def test_an_agent_calls_mcp_tools_from_its_repl_under_rights_and_is_record
     assert by_tool["read_note"][0].status == "peer_error"
     assert by_tool["crash"][0].status == "unavailable"
     assert by_tool[""][0].call.caller == "admin"  # the session learnt the tools first
+
+
+def _readme_block(containing: str) -> str:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```python\n(.+?)\n```", readme, re.S) if containing in b]
+    return block
+
+
+async def test_the_readme_mcp_example_runs(monkeypatch):
+    monkeypatch.chdir(Path(__file__).resolve().parent.parent)  # its command is relative
+    space: dict[str, Any] = {}
+    exec(_readme_block('MCP("notes"'), space)
+    code = '```python\nFINAL([notes("read_note", name="plan"), len(notes())])\n```'
+    async with Session(
+        space["council"], models={"gpt-4o-mini": ScriptedModel([code], name="m")}
+    ) as s:
+        result = await s.ask("what is the plan?", timeout=120)
+    assert result.value == ["ship on friday", 4]

@@ -177,3 +177,43 @@ async def test_a_two_process_council_is_one_trace_shaped_like_council_trace(tmp_
     assert "3 words, fine" in repl_attrs["council.repl.output"]
     assert {r.get("service.name") for r in got.resources} == {"council"}
     assert {r.get("council.session") for r in got.resources} == {session}
+
+
+FUNCTIONS = '''
+from agents.function import Peers
+from council.declare import Council, Function
+
+
+def counter(text: str) -> int:
+    return len(text.split())
+
+
+async def chair(prompt: str, peers: Peers) -> str:
+    return f"{await peers.counter(prompt)} words"
+
+
+council = Council(entry="chair", peers=[Function(chair, calls=["counter"]), Function(counter)])
+'''
+
+
+def test_council_run_exports_when_the_standard_variable_is_set(tmp_path):
+    file = tmp_path / "functions.py"
+    file.write_text(FUNCTIONS)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "OTEL_"))}
+    with otlp_receiver() as (url, got):
+        env["OTEL_EXPORTER_OTLP_ENDPOINT"] = url
+        env["OTEL_SERVICE_NAME"] = "review-app"
+        out = subprocess.run(
+            [sys.executable, "-m", "council.cli", "run", f"{file}:council", "--prompt",
+             "one two three", "--no-record"],
+            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
+        )
+        assert out.returncode == 0, out.stderr
+        assert "3 words" in out.stdout
+        spans = got.wait(2)
+    names = sorted(s.name for s in spans)
+    assert names == ["execute_tool chair", "execute_tool counter"]
+    chair = next(s for s in spans if s.name.endswith("chair"))
+    counter = next(s for s in spans if s.name.endswith("counter"))
+    assert counter.parent_span_id == chair.span_id and counter.trace_id == chair.trace_id
+    assert {r["service.name"] for r in got.resources} == {"review-app"}
