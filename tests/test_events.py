@@ -173,8 +173,11 @@ async def test_events_need_a_running_session():
             pass
 
 
+README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+
+
 async def test_the_readme_events_example_runs(capsys):
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    readme = README
     (block,) = [b for b in re.findall(r"```python\n(.+?)\n```", readme, re.S) if "def watch" in b]
     space: dict[str, Any] = {}
     exec(block, space)

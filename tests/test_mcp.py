@@ -33,6 +33,7 @@ def gone(pid: int, within: float = 10.0) -> bool:
     return not pid_alive(pid)
 
 
+ROOT = Path(__file__).resolve().parent.parent
 SERVER = [sys.executable, str(Path(__file__).with_name("mcp_notes_server.py"))]
 
 
@@ -182,7 +183,7 @@ def _readme_block(containing: str) -> str:
 
 
 async def test_the_readme_mcp_example_runs(monkeypatch):
-    monkeypatch.chdir(Path(__file__).resolve().parent.parent)  # its command is relative
+    monkeypatch.chdir(ROOT)  # its command is relative
     space: dict[str, Any] = {}
     exec(_readme_block('MCP("notes"'), space)
     code = '```python\nFINAL([notes("read_note", name="plan"), len(notes())])\n```'

@@ -179,7 +179,7 @@ async def test_a_two_process_council_is_one_trace_shaped_like_council_trace(tmp_
     assert {r.get("council.session") for r in got.resources} == {session}
 
 
-FUNCTIONS = '''
+FUNCTIONS = """
 from agents.function import Peers
 from council.declare import Council, Function
 
@@ -193,7 +193,7 @@ async def chair(prompt: str, peers: Peers) -> str:
 
 
 council = Council(entry="chair", peers=[Function(chair, calls=["counter"]), Function(counter)])
-'''
+"""
 
 
 def test_council_run_exports_when_the_standard_variable_is_set(tmp_path):
@@ -204,9 +204,21 @@ def test_council_run_exports_when_the_standard_variable_is_set(tmp_path):
         env["OTEL_EXPORTER_OTLP_ENDPOINT"] = url
         env["OTEL_SERVICE_NAME"] = "review-app"
         out = subprocess.run(
-            [sys.executable, "-m", "council.cli", "run", f"{file}:council", "--prompt",
-             "one two three", "--no-record"],
-            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
+            [
+                sys.executable,
+                "-m",
+                "council.cli",
+                "run",
+                f"{file}:council",
+                "--prompt",
+                "one two three",
+                "--no-record",
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+            timeout=120,
         )
         assert out.returncode == 0, out.stderr
         assert "3 words" in out.stdout
