@@ -187,8 +187,7 @@ async def test_the_readme_mcp_example_runs(monkeypatch):
     space: dict[str, Any] = {}
     exec(_readme_block('MCP("notes"'), space)
     code = '```python\nFINAL([notes("read_note", name="plan"), len(notes())])\n```'
-    async with Session(
-        space["council"], models={"gpt-4o-mini": ScriptedModel([code], name="m")}
-    ) as s:
+    council = Council(entry="chair", peers=[space["chair"], space["notes"]])
+    async with Session(council, models={"gpt-4o-mini": ScriptedModel([code], name="m")}) as s:
         result = await s.ask("what is the plan?", timeout=120)
     assert result.value == ["ship on friday", 4]
