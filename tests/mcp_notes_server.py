@@ -41,4 +41,7 @@ def crash() -> str:
 
 
 if __name__ == "__main__":
-    app.run()
+    if len(sys.argv) == 3:  # over HTTP: `streamable-http PORT` or `sse PORT`
+        app.run(sys.argv[1], host="127.0.0.1", port=int(sys.argv[2]))
+    else:
+        app.run()

@@ -5,11 +5,14 @@ rights, its failures typed, the council going on after the server dies mid-call.
 from __future__ import annotations
 
 import re
+import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 from agents.mcp import MCPPeer, tool_signature
@@ -191,3 +194,30 @@ async def test_the_readme_mcp_example_runs(monkeypatch):
     async with Session(council, models={"gpt-4o-mini": ScriptedModel([code], name="m")}) as s:
         result = await s.ask("what is the plan?", timeout=120)
     assert result.value == ["ship on friday", 4]
+
+
+@pytest.mark.parametrize(("transport", "path"), [("streamable-http", "/mcp"), ("sse", "/sse")])
+async def test_a_server_over_http_by_url(nats_server, session_id, transport, path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(  # noqa: ASYNC220 (started once, before any awaiting)
+        [*SERVER, transport, str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        with anyio.fail_after(30):
+            while True:
+                try:
+                    await anyio.connect_tcp("127.0.0.1", port)
+                    break
+                except OSError:
+                    assert server.poll() is None, server.stderr.read()
+                    await anyio.sleep(0.1)
+        peer = MCPPeer("notes", f"http://127.0.0.1:{port}{path}")
+        async with serving(nats_server.url, session_id, peer) as bus:
+            assert (await bus.call("notes", "add", args={"a": 1, "b": 1}, timeout=60)).value == 2
+            with pytest.raises(PeerError, match=r"read_note failed"):
+                await bus.call("notes", "read_note", args={"name": "nope"})
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
