@@ -139,9 +139,11 @@ class SpanMaker:
 
         self._next_span = 1
         self._next_trace = 1
+        service = service or os.environ.get("OTEL_SERVICE_NAME") or "council"
         resource = Resource.create(
             {
-                "service.name": service or os.environ.get("OTEL_SERVICE_NAME") or "council",
+                "service.name": service,
+                "openinference.project.name": service,  # Phoenix's project
                 "council.session": session,
             }
         )

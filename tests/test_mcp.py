@@ -178,6 +178,18 @@ async def test_an_agent_calls_mcp_tools_from_its_repl_under_rights_and_is_record
     assert by_tool["crash"][0].status == "unavailable"
     assert by_tool[""][0].call.caller == "admin"  # the session learnt the tools first
 
+    # Replayed with no model able to answer: the model's turns come from the cassette (its
+    # system prompt, tools included, matched strictly), the MCP server runs for real.
+    def boom(messages: list[dict[str, Any]]) -> str:
+        raise AssertionError("a live model was called during a replay")
+
+    fresh = Council.from_json(council.to_json())  # tools not learnt yet: learnt again
+    async with Session(
+        fresh, models={"thinker": FunctionModel(boom)}, replay=cassette, strict=True
+    ) as s:
+        again = await s.ask("count these words", context="one two three four", timeout=120)
+    assert {k: v for k, v in again.value.items() if k != "pid"} == result.value
+
 
 def _readme_block(containing: str) -> str:
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
