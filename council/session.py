@@ -29,7 +29,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from contextlib import AsyncExitStack
 from functools import partial
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
@@ -46,6 +46,9 @@ from council.mcp import MCP, learn_tools, servers_first
 from council.record import Recorder, answered_by_models_or_humans
 from council.replay import Replayer, ReplayMismatch
 from council.telemetry import attach as attach_telemetry
+
+if TYPE_CHECKING:
+    from council.events import EventStream
 
 _log = log.get("council.session")
 
@@ -518,7 +521,7 @@ class Session:
             return context
         return await store.put(context)
 
-    def events(self, **options: Any) -> Any:
+    def events(self, **options: Any) -> EventStream:
         """The session's typed events as they happen, for apps (council/events.py)."""
         from council.events import EventStream
 
