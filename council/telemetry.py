@@ -283,6 +283,8 @@ class SpanMaker:
                 "gen_ai.agent.name": start.callee,
                 "openinference.span.kind": "AGENT",
             }
+        elif kind == "mcp" and not start.prompt:
+            name = f"list_tools {start.callee}"
         elif kind in ("function", "mcp"):
             tool = f"{start.callee}.{start.prompt}" if kind == "mcp" else start.callee
             name = f"execute_tool {tool}"

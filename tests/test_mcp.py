@@ -15,11 +15,12 @@ from typing import Any
 import anyio
 import pytest
 
+from agents.function import Peers
 from agents.mcp import MCPPeer, tool_signature
 from agents.models import FunctionModel, ScriptedModel
 from channels.errors import BadRequest, PeerError, Unavailable
 from council.cassette import Cassette
-from council.declare import Agent, Council
+from council.declare import Agent, Council, Function
 from council.mcp import MCP
 from council.session import Session
 from council.trace import build
@@ -233,3 +234,30 @@ async def test_a_server_over_http_by_url(nats_server, session_id, transport, pat
     finally:
         server.terminate()
         server.wait(timeout=20)
+
+
+async def asks_notes(prompt: str, peers: Peers) -> int:
+    """Adds through the MCP peer."""
+    return await peers.notes("add", a=int(prompt), b=1)
+
+
+async def test_mcp_calls_are_traced_like_any_peer():
+    pytest.importorskip("opentelemetry.sdk")
+    from tests.otlp_receiver import attributes, otlp_receiver
+
+    council = Council(
+        entry="asks_notes",
+        peers=[Function(asks_notes, calls=["notes"]), MCP("notes", command=SERVER)],
+    )
+    with otlp_receiver() as (url, got):
+        async with Session(council, telemetry=url) as s:
+            result = await s.ask("41", timeout=120)
+        spans = got.wait(3)
+    assert result.value == 42
+    by_name = {sp.name: sp for sp in spans}
+    assert set(by_name) == {"list_tools notes", "execute_tool asks_notes", "execute_tool notes.add"}
+    tool = by_name["execute_tool notes.add"]
+    assert tool.parent_span_id == by_name["execute_tool asks_notes"].span_id
+    attrs = attributes(tool)
+    assert attrs["gen_ai.tool.name"] == "notes.add" and attrs["council.callee.kind"] == "mcp"
+    assert attrs["council.answer"] == "42"
