@@ -34,6 +34,15 @@ def stats(words: list[str]) -> dict[str, int]:
 
 
 @app.tool()
+async def slow(seconds: float) -> str:
+    """Takes its time."""
+    import anyio
+
+    await anyio.sleep(seconds)
+    return "finally"
+
+
+@app.tool()
 def crash() -> str:
     """Ends the server process in the middle of the call."""
     sys.stderr.write("notes server: crashing on purpose\n")

@@ -18,7 +18,7 @@ import pytest
 from agents.function import Peers
 from agents.mcp import MCPPeer, tool_signature
 from agents.models import FunctionModel, ScriptedModel
-from channels.errors import BadRequest, PeerError, Unavailable
+from channels.errors import BadRequest, CallTimeout, PeerError, Unavailable
 from council.cassette import Cassette
 from council.declare import Agent, Council, Function
 from council.mcp import MCP
@@ -70,7 +70,7 @@ async def test_the_peer_serves_the_tools_and_types_every_failure(nats_server, se
     async with serving(nats_server.url, session_id, peer) as bus:
         tools = (await bus.call("notes", "", timeout=60)).value
         by_name = {t["name"]: t for t in tools}
-        assert set(by_name) == {"add", "read_note", "stats", "crash"}
+        assert set(by_name) == {"add", "read_note", "stats", "slow", "crash"}
         assert by_name["add"]["signature"] == "(a: int, b: int = 2) -> int"
         assert by_name["add"]["description"] == "Add two integers."
 
@@ -89,6 +89,11 @@ async def test_the_peer_serves_the_tools_and_types_every_failure(nats_server, se
             await bus.call("notes", "delete")
         with pytest.raises(PeerError, match="validation error"):  # the server checks values
             await bus.call("notes", "add", args={"a": "not a number"})
+
+        # A call whose deadline passes is a timeout; the server's session stays usable.
+        with pytest.raises(CallTimeout):
+            await bus.call("notes", "slow", args={"seconds": 30}, timeout=1)
+        assert (await bus.call("notes", "stats", args={"words": []})).value["pid"] == first_pid
 
         # The server dies in the middle of a call: a typed failure, then a fresh server.
         with pytest.raises(Unavailable, match=r"failed during crash.*restarted"):
@@ -206,7 +211,7 @@ async def test_the_readme_mcp_example_runs(monkeypatch):
     council = Council(entry="chair", peers=[space["chair"], space["notes"]])
     async with Session(council, models={"gpt-4o-mini": ScriptedModel([code], name="m")}) as s:
         result = await s.ask("what is the plan?", timeout=120)
-    assert result.value == ["ship on friday", 4]
+    assert result.value == ["ship on friday", 5]
 
 
 @pytest.mark.parametrize(("transport", "path"), [("streamable-http", "/mcp"), ("sse", "/sse")])
