@@ -4,6 +4,7 @@ rights, its failures typed, the council going on after the server dies mid-call.
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import subprocess
@@ -19,8 +20,9 @@ from agents.function import Peers
 from agents.mcp import MCPPeer, tool_signature
 from agents.models import FunctionModel, ScriptedModel
 from channels.errors import BadRequest, CallTimeout, PeerError, Unavailable
+from channels.server import running_server
 from council.cassette import Cassette
-from council.declare import Agent, Council, Function
+from council.declare import Agent, Council, Function, load_target
 from council.mcp import MCP
 from council.session import Session
 from council.trace import build
@@ -144,10 +146,10 @@ FINAL({"sum": notes("add", a=20), "words": words["words"], "pid": words["pid"],
 ```"""
 
 
-def chair_model(seen: list[Any]) -> FunctionModel:
+def chair_model(seen: list[Any], code: str = CHAIR) -> FunctionModel:
     def think(messages: list[dict[str, Any]]) -> str:
         seen.append(messages)
-        return CHAIR
+        return code
 
     return FunctionModel(think)
 
@@ -266,3 +268,63 @@ async def test_mcp_calls_are_traced_like_any_peer():
     attrs = attributes(tool)
     assert attrs["gen_ai.tool.name"] == "notes.add" and attrs["council.callee.kind"] == "mcp"
     assert attrs["council.answer"] == "42"
+
+
+REMOTE = f"""
+from council.declare import Agent, Council
+from council.mcp import MCP
+
+council = Council(
+    entry="chair",
+    peers=[Agent("chair", model="thinker", calls=["notes"]), MCP("notes", command={SERVER!r})],
+)
+"""
+
+
+async def test_an_mcp_peer_served_by_another_process(tmp_path):
+    file = tmp_path / "remote.py"
+    file.write_text(REMOTE)
+    council = load_target(f"{file}:council")
+    session = "mcp" + os.urandom(4).hex()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    seen: list[Any] = []
+    with running_server() as server:
+        other = subprocess.Popen(  # noqa: ASYNC220 (started once, before any awaiting)
+            [
+                sys.executable,
+                "-m",
+                "council.cli",
+                "serve",
+                f"{file}:council",
+                "--peer",
+                "notes",
+                "--nats",
+                server.url,
+                "--session",
+                session,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=ROOT,
+        )
+        try:
+            line = other.stdout.readline()
+            assert "serving" in line, other.stderr.read() if other.poll() is not None else line
+            code = '```python\nFINAL(notes("add", a=1, b=1))\n```'
+            async with Session(
+                council,
+                nats_url=server.url,
+                session=session,
+                local=["chair"],
+                models={"thinker": chair_model(seen, code)},
+            ) as s:
+                assert "notes" not in s.peers  # served by the other process
+                result = await s.ask("add", timeout=120)
+        finally:
+            other.terminate()
+            other.wait(timeout=20)
+    assert result.value == 2
+    # The tools were learnt over the bus from the other process, before the agent was built.
+    assert 'notes("add", ...) with (a: int, b: int = 2) -> int' in seen[0][0]["content"]
