@@ -229,3 +229,32 @@ def test_council_run_exports_when_the_standard_variable_is_set(tmp_path):
     counter = next(s for s in spans if s.name.endswith("counter"))
     assert counter.parent_span_id == chair.span_id and counter.trace_id == chair.trace_id
     assert {r["service.name"] for r in got.resources} == {"review-app"}
+
+
+async def test_human_questions_llm_peers_and_failures_are_spans():
+    from agents.human import ScriptedHuman
+    from tests.test_events import COUNCIL, models
+
+    with otlp_receiver() as (url, got):
+        async with Session(
+            COUNCIL, models=models(), humans={"ada": ScriptedHuman("ada", ["yes"])}, telemetry=url
+        ) as s:
+            result = await s.ask("the draft", context="a long draft", timeout=60)
+        spans = got.wait(7)  # the request, 2 REPL calls, 2 model calls, the human, the checker
+    assert result.value == {"note": "short note", "verdict": "yes"}
+    by_name = {s.name: s for s in spans}
+    assert {s.trace_id.hex() for s in spans} == {result.call_id}
+
+    human = attributes(by_name["human ada"])
+    assert human["council.human.question"] == "publish short note?"
+    assert human["council.human.answer"] == "yes"
+
+    (helper,) = [  # an LLM peer's completion
+        a for a in map(attributes, spans) if a["council.callee"] == "helper"
+    ]
+    assert helper["gen_ai.operation.name"] == "chat" and helper["gen_ai.usage.output_tokens"] > 0
+
+    failed = by_name["execute_tool checker"]
+    assert failed.status.code == failed.status.STATUS_CODE_ERROR
+    assert failed.status.message.startswith("peer_error: ")
+    assert attributes(failed)["council.failure.kind"] == "peer_error"
