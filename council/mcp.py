@@ -132,14 +132,26 @@ def servers_first(council: Any, names: Iterable[str]) -> list[str]:
     return sorted(names, key=lambda n: not isinstance(council.peer(n), MCP))
 
 
-async def learn_tools(council: Any, bus: Any, timeout: float = LEARN_TIMEOUT) -> None:
+def mcp_callees(council: Any, peer: str) -> list[str]:
+    """The MCP peers that `peer` may call."""
+    return [c for c in council.peer(peer).calls_ if isinstance(council.peer(c), MCP)]
+
+
+async def learn_tools(
+    council: Any, bus: Any, timeout: float = LEARN_TIMEOUT, *, only: Iterable[str] | None = None
+) -> None:
     """Ask each MCP peer of `council` not yet asked for its tools (once per declaration:
     a later session reuses what the first learnt).
 
     A peer that does not answer is logged and left as is: its callers are told to list its
     tools themselves, and the council starts anyway.
     """
-    todo = [p for p in council.peers if isinstance(p, MCP) and not p._asked]
+    wanted = None if only is None else set(only)
+    todo = [
+        p
+        for p in council.peers
+        if isinstance(p, MCP) and not p._asked and (wanted is None or p.name in wanted)
+    ]
 
     async def ask(p: MCP) -> None:
         p._asked = True

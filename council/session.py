@@ -42,7 +42,7 @@ from channels.messages import Call, Reply, Usage, Value, new_id
 from channels.server import embedded_server
 from council.cassette import Cassette
 from council.declare import LLM, Agent, Council, Function, Human
-from council.mcp import MCP, learn_tools, servers_first
+from council.mcp import MCP, learn_tools, mcp_callees, servers_first
 from council.record import Recorder, answered_by_models_or_humans
 from council.replay import Replayer, ReplayMismatch
 from council.telemetry import attach as attach_telemetry
@@ -583,6 +583,12 @@ async def serve(
     def creds(name: str) -> tuple[str | None, str | None]:
         return rights.credentials(name) if rights is not None else credentials
 
+    if callees := mcp_callees(council, peer):  # an agent is told their tools (council/mcp.py)
+        user, password = creds(peer)
+        async with await Bus.connect(
+            nats_url, session=session, name=peer, user=user, password=password
+        ) as bus:
+            await learn_tools(council, bus, only=callees)
     buses: list[Bus] = []
     try:
         async with anyio.create_task_group() as tg:

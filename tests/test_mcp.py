@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from channels.server import running_server
 from council.cassette import Cassette
 from council.declare import Agent, Council, Function, load_target
 from council.mcp import MCP
-from council.session import Session
+from council.session import Session, serve
 from council.trace import build
 from tests.conftest import pid_alive, serving
 
@@ -327,4 +328,34 @@ async def test_an_mcp_peer_served_by_another_process(tmp_path):
             other.wait(timeout=20)
     assert result.value == 2
     # The tools were learnt over the bus from the other process, before the agent was built.
+    assert 'notes("add", ...) with (a: int, b: int = 2) -> int' in seen[0][0]["content"]
+
+
+async def test_an_agent_served_elsewhere_is_told_the_tools_too():
+    """`council serve chair` (session.serve, here in-process) learns the tools of the MCP
+    peers the agent calls before building it, as a session does."""
+    council = Council(
+        entry="chair",
+        peers=[Agent("chair", model="thinker", calls=["notes"]), MCP("notes", command=SERVER)],
+    )
+    served = Council.from_json(council.to_json())  # its own declaration, as in a process
+    seen: list[Any] = []
+    code = '```python\nFINAL(notes("add", a=5))\n```'
+    session = "mcp" + os.urandom(4).hex()
+    with running_server() as server:
+        async with Session(council, nats_url=server.url, session=session, local=["notes"]) as s:
+            async with anyio.create_task_group() as tg:
+                await tg.start(
+                    partial(
+                        serve,
+                        served,
+                        "chair",
+                        nats_url=server.url,
+                        session=session,
+                        models={"thinker": chair_model(seen, code)},
+                    )
+                )
+                result = await s.ask("add", timeout=120)
+                tg.cancel_scope.cancel()
+    assert result.value == 7
     assert 'notes("add", ...) with (a: int, b: int = 2) -> int' in seen[0][0]["content"]
