@@ -30,10 +30,22 @@ def configure(level: str | None = None, *, json: bool | None = None) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(_Stderr()),
         cache_logger_on_first_use=True,
     )
     _configured = True
+
+
+class _Stderr:
+    """Whatever sys.stderr is when a line is written, not when logging was set up: a stream
+    swapped in for a while (a test's capture, a CLI's redirect) and closed since must not
+    turn a log line into an exception in the code that logs."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
 
 
 def get(name: str) -> structlog.typing.FilteringBoundLogger:

@@ -1,6 +1,6 @@
 """Declaring councils, running sessions, recording and replay, the CLI.
 
-from council import Agent, Council, Function, Human, LLM, Limits, Session, run
+from council import Agent, Council, Function, Human, LLM, Limits, MCP, Session, run
 
 For tests: `FunctionModel`, `ScriptedModel` and `ScriptedHuman` stand in for models and
 people (`Session(council, models={"chair": ScriptedModel([...])}, humans={...})`), and
@@ -23,11 +23,12 @@ from channels.errors import (
     PermissionDenied,
     Unavailable,
 )
-from council.declare import LLM, Agent, Council, Function, Human, TopologyError
+from council.declare import LLM, MCP, Agent, Council, Function, Human, TopologyError
 from council.session import Result, Session, run
 
 __all__ = [
     "LLM",
+    "MCP",
     "Agent",
     "BadRequest",
     "BudgetExhausted",

@@ -36,9 +36,11 @@ from agents.prompt import PeerSpec
 from agents.schema import TypeSpec, signature
 from channels import subjects
 from channels.errors import CouncilError, InvalidName
+from council.mcp import MCP
 
 __all__ = [
     "LLM",
+    "MCP",
     "Agent",
     "Council",
     "Function",
@@ -306,7 +308,7 @@ def _type_spec(value: Any) -> TypeSpec | None:
     return None if value is None else TypeSpec.of(value)
 
 
-PeerDecl = Annotated[Agent | LLM | Human | Function, Field(discriminator="kind")]
+PeerDecl = Annotated[Agent | LLM | Human | Function | MCP, Field(discriminator="kind")]
 
 RESERVED = {"admin"}
 
@@ -500,10 +502,10 @@ class Council(BaseModel):
 
     # -- reading it ----------------------------------------------------------------------
 
-    def _find(self, name: str) -> Agent | LLM | Human | Function | None:
+    def _find(self, name: str) -> Agent | LLM | Human | Function | MCP | None:
         return next((p for p in self.peers if p.name == name), None)
 
-    def peer(self, name: str) -> Agent | LLM | Human | Function:
+    def peer(self, name: str) -> Agent | LLM | Human | Function | MCP:
         for p in self.peers:
             if p.name == name:
                 return p

@@ -5,6 +5,12 @@ tokens and cost, agent turn), redrawn in place at most ten times a second, its h
 capped and long fan-outs folded into one line with counts. Anywhere else (a pipe, a log
 file, CI): one plain line per call, answer and event, so the log reads top to bottom.
 
+The drawing is rich's (a `Tree` in a `Live`): it measures text in terminal cells, so a
+prompt in Chinese or with emoji is clipped to the width instead of wrapping and throwing
+the in-place redraw off. What rich has no notion of stays here: folding a fan-out of
+thousands of calls into one line, and, when the tree is taller than the terminal, folding
+finished branches (deepest first) so that what still runs stays in view.
+
 The watcher only listens. Two wildcard subscriptions (the session's subjects and its
 peers' reply inboxes) hand raw bytes to a bounded queue and return: nothing a peer does
 ever waits for the display. Parsing, state and drawing happen in the watcher's own task,
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import sys
 import time
@@ -26,11 +33,15 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from math import inf
-from typing import TextIO
+from typing import Any, TextIO
 
 import anyio
 from anyio.abc import TaskStatus
 from nats.aio.msg import Msg
+from rich.console import Console
+from rich.live import Live
+from rich.text import Text
+from rich.tree import Tree
 
 from channels import subjects
 from channels.bus import Bus
@@ -293,21 +304,49 @@ def _minus(a: Spend, b: Spend) -> Spend:
 def render(
     state: Progress, now: float, *, width: int = 100, height: int = MAX_HEIGHT, fold: int = FOLD
 ) -> list[str]:
-    """The tree as at most `height` lines of at most `width` characters.
+    """The tree as at most `height` lines, each at most `width` terminal cells.
 
     Too tall, it folds finished branches into counts, deepest level first, then cuts.
     """
     head = _header(state, now)
     tree = _Tree(state, now, fold)
-    body = tree.lines()
+    root = tree.build(head)
     deepest = tree.deepest
-    while len(body) > height - 1 and deepest >= 0:  # the deepest finished branches go first
-        body = _Tree(state, now, fold, collapse_from=deepest).lines()
+    while tree.rows > height - 1 and deepest >= 0:  # the deepest finished branches go first
+        tree = _Tree(state, now, fold, collapse_from=deepest)
+        root = tree.build(head)
         deepest -= 1
-    if len(body) > height - 1:
-        keep = max(height - 2, 0)
-        body = [*body[:keep], f"… {len(body) - keep} more lines (the terminal is too short)"]
-    return [_clip(line, width) for line in [head, *body]]
+    lines = _draw(root, width)
+    if len(lines) > height:
+        keep = max(height - 1, 1)
+        lines = [
+            *lines[:keep],
+            _fit(f"… {len(lines) - keep} more lines (the terminal is too short)", width),
+        ]
+    return lines
+
+
+def _draw(tree: Tree, width: int) -> list[str]:
+    """The tree as plain lines, drawn by rich into a buffer `width` - 1 cells wide (a line
+    that fills the last column makes some terminals wrap)."""
+    buffer = io.StringIO()
+    console = Console(
+        file=buffer,
+        width=max(width - 1, 10),
+        color_system=None,
+        force_terminal=False,
+        highlight=False,
+        emoji=False,
+        legacy_windows=False,
+    )
+    console.print(tree, crop=True, overflow="ellipsis", no_wrap=True)
+    return buffer.getvalue().rstrip("\n").split("\n")
+
+
+def _fit(line: str, width: int) -> str:
+    text = Text(line, no_wrap=True, overflow="ellipsis")
+    text.truncate(max(width - 1, 10), overflow="ellipsis")
+    return text.plain
 
 
 def _header(state: Progress, now: float) -> str:
@@ -326,17 +365,23 @@ def _header(state: Progress, now: float) -> str:
 
 
 class _Tree:
+    """Builds the rich Tree: by group, not by child, so a fan-out of 100k calls is one row."""
+
     def __init__(self, state: Progress, now: float, fold: int, *, collapse_from: float = inf):
         self.s, self.now, self.fold, self.collapse_from = state, now, fold, collapse_from
-        self.out: list[str] = []
+        self.rows = 0  # below the header
         self.deepest = 0
 
-    def lines(self) -> list[str]:
-        self._children(self.s.root_groups, "", 0)
-        return self.out
+    def build(self, head: str) -> Tree:
+        root = Tree(_label(head), guide_style="none")
+        self._children(self.s.root_groups, root, 0)
+        return root
 
-    def _children(self, keys: Iterable[tuple[str | None, str]], prefix: str, depth: int) -> None:
-        # By group, not by child: a fan-out of 100k calls costs one line and O(1) a frame.
+    def _add(self, parent: Tree, label: str) -> Tree:
+        self.rows += 1
+        return parent.add(_label(label))
+
+    def _children(self, keys: Iterable[tuple[str | None, str]], parent: Tree, depth: int) -> None:
         items: list[tuple[str, object]] = []
         for key in keys:
             group = self.s.groups[key]
@@ -351,25 +396,19 @@ class _Tree:
             finished = [it for it in items if self._finished(it)]
             if len(finished) > 1:
                 items = [("done", finished)] + [it for it in items if not self._finished(it)]
-        for i, (kind, item) in enumerate(items):
-            last = i == len(items) - 1
-            branch = prefix + ("└─ " if last else "├─ ")
-            below = prefix + ("   " if last else "│  ")
+        for kind, item in items:
             if kind == "node":
                 assert isinstance(item, Node)
-                self.out.append(branch + self._node(item))
-                self._children(item.groups, below, depth + 1)
+                self._children(item.groups, self._add(parent, self._node(item)), depth + 1)
             elif kind == "group":
                 assert isinstance(item, Group)
-                self.out.append(branch + self._group(item))
+                below = self._add(parent, self._group(item))
                 busy = [self.s.nodes[m] for m in item.parents if not self.s.nodes[m].done][:2]
-                for j, node in enumerate(busy):
-                    end = j == len(busy) - 1
-                    self.out.append(below + ("└─ " if end else "├─ ") + self._node(node))
-                    self._children(node.groups, below + ("   " if end else "│  "), depth + 2)
+                for node in busy:
+                    self._children(node.groups, self._add(below, self._node(node)), depth + 2)
             else:
                 assert isinstance(item, list)
-                self.out.append(branch + self._finished_line(item))
+                self._add(parent, self._finished_line(item))
 
     def _finished(self, item: tuple[str, object]) -> bool:
         kind, it = item
@@ -452,25 +491,18 @@ class _Tree:
         return "  ".join(parts)
 
 
-def frame(lines: list[str], previous: int) -> str:
-    """ANSI text that replaces the `previous`-line frame just drawn with `lines`.
-
-    Back up to the old frame's first line, overwrite each line (clearing its old tail),
-    then clear whatever of the old frame is left below the new one.
-    """
-    up = f"\r\x1b[{previous}A" if previous else ""
-    return up + "".join(f"{line}\x1b[K\n" for line in lines) + "\x1b[J"
-
-
 def _preview(text: str, n: int = 60) -> str:
-    text = " ".join(text.split())
+    """One line of at most `n` characters, with control characters shown as escapes: a
+    prompt holding ESC sequences must not drive the terminal."""
+    text = _CONTROL.sub(lambda m: repr(m.group())[1:-1], " ".join(text.split()))
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
-def _clip(line: str, width: int) -> str:
-    # A wrapped line would throw the cursor arithmetic of the next redraw off by one.
-    width = max(width - 1, 10)
-    return line if len(line) <= width else line[: width - 1] + "…"
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def _label(line: str) -> Text:
+    return Text(line, no_wrap=True, overflow="ellipsis")
 
 
 def _short(call_id: str) -> str:
@@ -589,9 +621,10 @@ async def watch(
     await settle(bus.nc)
     task_status.started()
 
-    drawn = 0  # lines of the frame on screen
-    last = -inf  # when it was drawn (monotonic)
+    last = -inf  # when the frame was drawn (monotonic)
     dirty = False
+    drawn = False
+    view = _LiveView(out) if live else None
 
     def take_in() -> list[str]:
         """Apply what arrived; the plain lines it makes (or a marker line if only drops)."""
@@ -610,28 +643,29 @@ async def watch(
             state.dropped = queue.dropped
         return lines
 
-    async def write(text: str) -> None:
-        def put() -> None:
-            out.write(text)
-            out.flush()
+    async def in_thread(fn: Any, *args: Any) -> None:
+        # A stalled terminal (a paused pager, a full pipe) holds this thread, whose queue
+        # then drops updates, and never the event loop the peers run on.
+        await anyio.to_thread.run_sync(fn, *args, abandon_on_cancel=True)
 
-        # In a thread: a stalled terminal (a paused pager, a full pipe) holds the watcher,
-        # whose queue then drops updates, and never the event loop the peers run on.
-        await anyio.to_thread.run_sync(put, abandon_on_cancel=True)
+    def put(text: str) -> None:
+        out.write(text)
+        out.flush()
 
     async def draw() -> None:
         nonlocal drawn, last, dirty
+        assert view is not None
         columns, rows = _size(out)
         lines = render(state, time.time(), width=columns, height=max(3, min(max_height, rows - 1)))
-        await write(frame(lines, drawn))
-        drawn, last, dirty = len(lines), time.monotonic(), False
+        await in_thread(view.show, lines, columns)
+        drawn, last, dirty = True, time.monotonic(), False
 
     try:
         while True:
-            if not live:
+            if view is None:
                 await queue.wait(None)
                 if lines := take_in():
-                    await write("".join(f"{line}\n" for line in lines))
+                    await in_thread(put, "".join(f"{line}\n" for line in lines))
                 continue
             now = time.monotonic()
             if dirty:
@@ -651,7 +685,44 @@ async def watch(
         with anyio.CancelScope(shield=True):
             with anyio.move_on_after(2):  # the last frame or lines, unless the terminal is stuck
                 lines = take_in()
-                if live and (drawn or lines):
-                    await draw()
+                if view is not None:
+                    if drawn or lines:
+                        await draw()
+                    await in_thread(view.stop)
                 elif lines:
-                    await write("".join(f"{line}\n" for line in lines))
+                    await in_thread(put, "".join(f"{line}\n" for line in lines))
+
+
+class _LiveView:
+    """The frame on a terminal: rich's Live redraws it in place (it knows how many rows the
+    last frame took, in cells); the last frame stays on screen when it stops."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.console = Console(
+            file=out,
+            force_terminal=True,
+            color_system=None,
+            highlight=False,
+            emoji=False,
+            legacy_windows=False,
+        )
+        self.live = Live(
+            console=self.console,
+            auto_refresh=False,  # we decide when: at most ten frames a second
+            redirect_stdout=False,
+            redirect_stderr=False,
+            vertical_overflow="crop",
+        )
+        self.started = False
+
+    def show(self, lines: list[str], columns: int) -> None:
+        self.console.width = max(columns, 10)
+        frame = Text("\n".join(lines), no_wrap=True, overflow="ellipsis")
+        if not self.started:
+            self.live.start()
+            self.started = True
+        self.live.update(frame, refresh=True)
+
+    def stop(self) -> None:
+        if self.started:
+            self.live.stop()

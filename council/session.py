@@ -29,7 +29,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from contextlib import AsyncExitStack
 from functools import partial
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
@@ -43,8 +43,13 @@ from channels.server import embedded_server
 from channels.store import Store
 from council.cassette import Cassette
 from council.declare import LLM, Agent, Council, Function, Human
+from council.mcp import MCP, learn_tools, mcp_callees, servers_first
 from council.record import Recorder, answered_by_models_or_humans
 from council.replay import Replayer, ReplayMismatch
+from council.telemetry import attach as attach_telemetry
+
+if TYPE_CHECKING:
+    from council.events import EventStream
 
 _log = log.get("council.session")
 
@@ -128,6 +133,8 @@ def build(
                 return models[key]
         return spec
 
+    if isinstance(decl, MCP):
+        return [decl.peer()]
     if isinstance(decl, Function):
         from agents.function import FunctionPeer
 
@@ -222,6 +229,7 @@ class Session:
         replay_live: bool = False,
         store_replicas: int | None = None,
         heartbeat: float = HEARTBEAT,
+        telemetry: Any = None,
     ) -> None:
         """`record`: the cassette to write (its blobs go beside it). `replay`: a cassette (or
         a Replayer, to choose the peers or how requests match) whose recorded answers stand in
@@ -233,7 +241,9 @@ class Session:
         `store_replicas`: copies of the session's store on a cluster (default: 3 on a
         cluster of 3 or more servers, else 1). `heartbeat`: seconds between a callee's signs
         of life on a call from this session's connections; a call silent for two of them is
-        re-sent, then failed `unavailable`."""
+        re-sent, then failed `unavailable`.
+        `telemetry`: export OpenTelemetry spans (True, an OTLP/HTTP URL or a SpanExporter;
+        by default when OTEL_EXPORTER_OTLP_ENDPOINT is set): council/telemetry.py."""
         self.council = council.check()
         self.nats_url = nats_url
         # True: generate users for the embedded server. A Rights: the users an external
@@ -247,7 +257,8 @@ class Session:
         session = session or (given.session if given else None)
         self.use_rights = given is None and bool(rights) and nats_url is None
         self.session = subjects.check_name(session or "s" + new_id()[:12], "session")
-        self.local = list(council.names() if local is None else local)
+        # MCP servers first: the agents that call them are told their tools (council/mcp.py)
+        self.local = servers_first(council, council.names() if local is None else local)
         for name in self.local:
             council.peer(name)  # KeyError naming the known peers
         self.humans = dict(humans or {})
@@ -266,6 +277,7 @@ class Session:
         self.record_options: dict[str, Any] = {}  # more Recorder options (e.g. blobs=...)
         self.strict = strict
         self.replay_live = replay_live
+        self.telemetry = telemetry
         self.replayer = self._replayer(replay) if replay is not None else None
         self.replayed: set[str] = set(self.replayer.names) if self.replayer else set()
         for name in list(self.humans):
@@ -384,7 +396,10 @@ class Session:
         tg = await stack.enter_async_context(anyio.create_task_group())
         stack.callback(tg.cancel_scope.cancel)  # runs first on exit: stop every peer
         self._tg = tg
+        await attach_telemetry(self)  # off unless configured
         for name in self.local:
+            if not isinstance(self.council.peer(name), MCP):
+                await learn_tools(self.council, self.client)  # once: only tools not yet learnt
             if name in self.replayed:
                 continue  # an LLM peer or a human: the cassette answers
             for peer in build(self.council, name, models=self.models, credentials=self.credentials):
@@ -542,6 +557,12 @@ class Session:
             return context
         return await store.put(context)
 
+    def events(self, **options: Any) -> EventStream:
+        """The session's typed events as they happen, for apps (council/events.py)."""
+        from council.events import EventStream
+
+        return EventStream(self, **options)
+
     def call_in(self, fn: Callable[[], Awaitable[Any]]) -> None:
         """Run `fn` alongside the peers until the session ends (progress displays, etc.)."""
         assert self._tg is not None, "enter the session first"
@@ -598,6 +619,12 @@ async def serve(
     def creds(name: str) -> tuple[str | None, str | None]:
         return rights.credentials(name) if rights is not None else credentials
 
+    if callees := mcp_callees(council, peer):  # an agent is told their tools (council/mcp.py)
+        user, password = creds(peer)
+        async with await Bus.connect(
+            nats_url, session=session, name=peer, user=user, password=password
+        ) as bus:
+            await learn_tools(council, bus, only=callees)
     buses: list[Bus] = []
     try:
         async with anyio.create_task_group() as tg:

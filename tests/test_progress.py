@@ -8,11 +8,13 @@ import threading
 import time
 
 import anyio
+import pyte
 import pytest
+from wcwidth import wcswidth
 
 from channels.messages import Call, Failure, Reply, Step, Usage
 from council import progress
-from council.progress import Progress, frame, render, watch
+from council.progress import Progress, _LiveView, render, watch
 
 pytestmark = pytest.mark.anyio
 
@@ -110,11 +112,21 @@ async def test_plain_lines_name_calls_answers_and_failures(connect):
     assert f"tokens={15 * (FAN + 1 - len(BAD))}" in ok_root, ok_root
 
 
-def frames_of(text: str) -> tuple[list[str], list[int]]:
-    """Split a live display's output into frames, and the cursor-up counts between them."""
-    ups = [int(n) for n in re.findall(r"\r\x1b\[(\d+)A", text)]
-    chunks = re.split(r"\r\x1b\[\d+A", text)
-    return [c.replace("\x1b[K", "").replace("\x1b[J", "") for c in chunks], ups
+def screen_of(text: str, columns: int = 160, rows: int = 40) -> list[str]:
+    """What a terminal shows after receiving `text` (a VT100 emulator, with the usual
+    newline-is-CR-LF of a terminal's output)."""
+    screen = pyte.Screen(columns, rows)
+    screen.set_mode(pyte.modes.LNM)
+    pyte.Stream(screen).feed(text)
+    return [row.rstrip() for row in screen.display]
+
+
+def shown(text: str, columns: int = 160, rows: int = 40) -> str:
+    return "\n".join(row for row in screen_of(text, columns, rows) if row)
+
+
+def frames_in(text: str) -> int:
+    return len(re.findall(r"\d+ calls?: \d+ running", text))
 
 
 async def test_terminal_shows_a_live_tree_with_folded_fan_out(connect, monkeypatch):
@@ -144,31 +156,29 @@ async def test_terminal_shows_a_live_tree_with_folded_fan_out(connect, monkeypat
                 r"x 30 \(26 done, 3 failed: peer_error, 1 running\)", out.getvalue()
             ):
                 await anyio.sleep(0.02)
-        live = frames_of(out.getvalue())[0][-1]
+        live = shown(out.getvalue())
         assert re.search(r"runner -> chair turn 2 .*running", live), live
         await anyio.sleep(1.2)  # nothing arrives, yet the clock moves: a tick redraw
-        ticked = frames_of(out.getvalue())[0][-1]
+        ticked = shown(out.getvalue())
         assert ticked != live
         gate.set()
         with anyio.fail_after(10):
-            while not result or " 0 running" not in frames_of(out.getvalue())[0][-1]:
+            while not result or " 0 running" not in shown(out.getvalue()):
                 await anyio.sleep(0.02)
         watching.cancel()
         took = time.monotonic() - began
         tg.cancel_scope.cancel()
 
-    frames, ups = frames_of(out.getvalue())
-    assert len(frames) >= 3 and len(ups) == len(frames) - 1
-    # Each redraw backs up exactly over the frame before it.
-    for before, up in zip(frames[:-1], ups, strict=True):
-        assert up == before.count("\n"), (up, before)
+    frames = frames_in(out.getvalue())
+    assert frames >= 3
     # At most ten frames a second (plus the final one).
-    assert len(frames) <= took / progress.REDRAW_INTERVAL + 2
-    final = frames[-1].splitlines()
+    assert frames <= took / progress.REDRAW_INTERVAL + 2
+    # The screen holds the last frame and nothing else: each redraw replaced the one before.
+    final = shown(out.getvalue()).splitlines()
     assert f"{FAN + 4} calls: 0 running, {FAN + 4 - len(BAD)} ok, {len(BAD)} failed" in final[0]
     body = "\n".join(final[1:])
-    assert re.search(r"└─ runner -> chair turn 2  \"the design doc\"  ok  ", body), body
-    assert re.search(r"├─ chair -> critic_a  \"critique: the design doc\"  ok", body), body
+    assert re.search(r"└── runner -> chair turn 2  \"the design doc\"  ok  ", body), body
+    assert re.search(r"├── chair -> critic_a  \"critique: the design doc\"  ok", body), body
     assert "critic_a -> llm x 30 (27 done, 3 failed: peer_error)" in body
     assert re.search(r"critic_b -> llm  \"chunk 99\"  ok  \S+  15 tok \$0\.0010", body), body
     assert "chunk 7" not in body  # the fan-out is one line, not thirty
@@ -262,7 +272,7 @@ def test_answers_before_their_call_and_children_before_their_parent_still_pair_u
     state.apply(parent, 0.3)
     assert state.roots == [parent.id] and state.nodes[parent.id].children == [child.id]
     text = "\n".join(render(state, 1.0))
-    assert re.search(r"└─ runner -> agent .*\n   └─ agent -> llm  \"hi\"  ok", text), text
+    assert re.search(r"└── runner -> agent .*\n    └── agent -> llm  \"hi\"  ok", text), text
 
 
 def test_fold_line_counts_and_running_usage_so_far():
@@ -277,9 +287,31 @@ def test_fold_line_counts_and_running_usage_so_far():
     assert "200 calls" not in lines[0] and "201 calls: 18 running, 180 ok, 3 failed" in lines[0]
 
 
-def test_frame_backs_up_over_the_previous_frame():
-    assert frame(["a", "b"], 0) == "a\x1b[K\nb\x1b[K\n\x1b[J"
-    assert frame(["c"], 2).startswith("\r\x1b[2A")
+def test_wide_characters_and_escape_codes_in_prompts_leave_the_redraw_intact():
+    """A prompt in Chinese takes two cells a character, one with ESC sequences could drive
+    the terminal: neither may wrap a line or leave stale rows behind a redraw."""
+    columns, rows = 60, 12
+    state = Progress(started=0.0, session="s")
+    root = Call(session="s", caller="runner", callee="chair", prompt="go")
+    state.apply(root, 0.0)
+    wide = "审查这份很长的设计文档并找出所有的逻辑问题和事实错误" * 2
+    state.apply(
+        Call(session="s", caller="chair", callee="critic", prompt=wide, parent=root.id), 0.1
+    )
+    evil = "clear \x1b[2J\x1b[H and ring \x07"
+    state.apply(Call(session="s", caller="chair", callee="llm", prompt=evil, parent=root.id), 0.2)
+    out = FakeTTY()
+    view = _LiveView(out)
+    for now in (1.0, 2.0, 3.0):
+        view.show(render(state, now, width=columns, height=rows), columns)
+    view.stop()
+    screen = screen_of(out.getvalue(), columns, rows)
+    visible = [row for row in screen if row]
+    assert len(visible) == 4, screen  # header + 3 calls: no stale header from earlier frames
+    assert visible[0].endswith("3.0s") and "3 running" in visible[0]
+    assert "chair -> critic" in visible[2] and visible[2].endswith("…")
+    assert "\\x1b[2J" in visible[3]  # shown as an escape, not obeyed
+    assert all(wcswidth(row) <= columns for row in visible)
 
 
 def test_render_folds_the_deepest_finished_branches_first():
