@@ -4,7 +4,9 @@ recorded session, run the demo.
 A council is named as FILE.py:NAME (or module:NAME); NAME defaults to `council`.
 `council run` records every session into ./sessions/<session>.jsonl (--no-record to
 skip); `council run --replay CASSETTE` runs it again with the models and humans answered
-from the recording; `council trace CASSETTE` shows who called whom, at what cost.
+from the recording; `council resume CASSETTE` carries on a run that was cut short (what
+the recording holds is not asked again); `council trace CASSETTE` shows who called whom,
+at what cost.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import anyio
 from channels import log
 from channels.bus import Bus
 from channels.errors import CouncilError
-from channels.messages import new_id
+from channels.messages import Ref, new_id
+from channels.store import decode_value
 from council.declare import load_target
 
 
@@ -68,6 +71,20 @@ def _nats_args(
         default=os.environ.get("COUNCIL_RIGHTS"),
         help="credentials file from `council rights`: each connection uses its own user "
         "(default: $COUNCIL_RIGHTS)",
+    )
+
+
+def _progress_args(p: argparse.ArgumentParser) -> None:
+    shown = p.add_mutually_exclusive_group()
+    shown.add_argument(
+        "--progress",
+        dest="progress",
+        action="store_true",
+        default=None,
+        help="print a line per agent turn, model call and code run (default when stderr is a terminal)",
+    )
+    shown.add_argument(
+        "--quiet", "-q", dest="progress", action="store_false", help="no progress lines"
     )
 
 
@@ -166,17 +183,37 @@ def _parser() -> argparse.ArgumentParser:
         "call is never made",
     )
     run.add_argument("--json", action="store_true", help="print the result (value, usage) as JSON")
-    shown = run.add_mutually_exclusive_group()
-    shown.add_argument(
-        "--progress",
-        dest="progress",
-        action="store_true",
-        default=None,
-        help="print a line per agent turn, model call and code run (default when stderr is a terminal)",
+    _progress_args(run)
+
+    resume = sub.add_parser(
+        "resume",
+        help="carry on a run that was cut short, from its recording",
+        description="Run the recorded council again on the recorded request: every model and "
+        "human answer the cassette holds is handed out from it (no model is called for it "
+        "again), the rest is asked live, and the run records on into the same cassette. For a "
+        "runner that was killed or a machine that went away; a resumed run can be resumed "
+        "again.",
     )
-    shown.add_argument(
-        "--quiet", "-q", dest="progress", action="store_false", help="no progress lines"
+    resume.add_argument("cassette", type=Path, help="the cassette of the run to carry on")
+    resume.add_argument(
+        "target",
+        nargs="?",
+        metavar="FILE:council",
+        help="the council (default: the declaration recorded in the cassette; give the file "
+        "when the declaration held credentials, which are never recorded)",
     )
+    resume.add_argument(
+        "--context",
+        "-c",
+        metavar="PATH",
+        help="the input file, when the run's input was too big to be recorded with its request",
+    )
+    resume.add_argument("--model", "-m", help="use this model for every agent and LLM peer")
+    _nats_args(resume)
+    resume.add_argument("--no-rights", action="store_true", help="as for `council run`")
+    resume.add_argument("--timeout", type=float, default=600.0, help="seconds for the request")
+    resume.add_argument("--json", action="store_true", help="print the result as JSON")
+    _progress_args(resume)
 
     serve = sub.add_parser(
         "serve",
@@ -217,6 +254,11 @@ def _parser() -> argparse.ArgumentParser:
     human.add_argument("--name", default=os.environ.get("USER", "human"), help="the human peer")
     _nats_args(human, required=True, embedded=False)
     human.add_argument("--session", required=True, help="the session id (printed by `council run`)")
+    human.add_argument(
+        "--credentials",
+        metavar="PATH",
+        help="the file `council run` wrote this human's NATS user and password to",
+    )
 
     from council import trace
 
@@ -349,11 +391,13 @@ async def _run(args: argparse.Namespace) -> int:
         for name in humans:
             if name != human:
                 desk = council.peer(name).desk  # type: ignore[union-attr]
-                user, password = s.credentials(desk)
-                creds = f"NATS_USER={user} NATS_PASSWORD={password} " if s.rights else ""
+                creds = ""
+                if s.rights:  # the password goes to a private file, never to the terminal
+                    path = _credentials_file(s.session, desk, *s.credentials(desk))
+                    creds = f" --credentials {path}"
                 print(
-                    f"human {name!r} answers with: {creds}council human --name {name} "
-                    f"--nats {s.url} --session {s.session}",
+                    f"human {name!r} answers with: council human --name {name} "
+                    f"--nats {s.url} --session {s.session}{creds}",
                     file=sys.stderr,
                 )
         result = await s.ask(
@@ -362,6 +406,25 @@ async def _run(args: argparse.Namespace) -> int:
             timeout=args.timeout,
             notify=human,
         )
+    _print_result(args, result)
+    if record is not None:
+        print(f"recorded to {record} (show it: council trace {record})", file=sys.stderr)
+    if s.replayer is not None:
+        print(s.replayer.report(), file=sys.stderr)
+    return 0
+
+
+def _credentials_file(session: str, name: str, user: str | None, password: str | None) -> Path:
+    """One connection's NATS credentials in a file only this user may read."""
+    path = sessions_dir() / f"{session}.{name}.credentials.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"user": user, "password": password}, f)
+    return path
+
+
+def _print_result(args: argparse.Namespace, result: Any) -> None:
     if args.json:
         print(result.model_dump_json())
     else:
@@ -374,8 +437,74 @@ async def _run(args: argparse.Namespace) -> int:
             f"{u.wall_time:.2f}s",
             file=sys.stderr,
         )
-    if record is not None:
-        print(f"recorded to {record} (show it: council trace {record})", file=sys.stderr)
+
+
+async def _resume(args: argparse.Namespace) -> int:
+    from channels.redact import MASK
+    from council.cassette import Cassette
+    from council.declare import Council
+    from council.session import Session
+
+    cassette = Cassette.load(args.cassette, lenient=True)
+    if args.target:
+        council = load_target(args.target)
+    elif cassette.header.council is None:
+        raise CouncilError(
+            f"{args.cassette} holds no council declaration; name it: council resume "
+            f"{args.cassette} FILE.py:council"
+        )
+    else:
+        text = json.dumps(cassette.header.council)
+        if MASK in text:
+            raise CouncilError(
+                f"the declaration in {args.cassette} held credentials, which are never "
+                f"recorded; name the council file: council resume {args.cassette} FILE.py:council"
+            )
+        council = Council.from_json(text)
+    if args.model:
+        council = council.with_model(args.model)
+    given = _load_rights(args.rights)
+    if given is not None and not args.nats:
+        raise CouncilError("--rights is for an external server: pass its URL with --nats")
+    async with Session(
+        council,
+        nats_url=args.nats,
+        rights=given if given is not None else not args.no_rights,
+        local=(cassette.header.meta.get("local") or None),
+        credentials=(args.user, args.password) if args.user else None,
+        timeout=args.timeout,
+        resume=cassette.path,
+    ) as s:
+        asked = s.resumed
+        if asked is None:
+            raise CouncilError(
+                f"{args.cassette} holds no request to the council (the run was cut short "
+                "before it was asked); start it again with `council run`"
+            )
+        context = asked.context
+        if args.context:
+            context = _read_context(args.context)
+        elif isinstance(context, Ref) and cassette.ref_blob(context.digest) is None:
+            raise CouncilError(
+                f"the run's input ({context!r}) was in the dead session's store and is not in "
+                f"the recording; give it again: council resume {args.cassette} --context PATH"
+            )
+        elif isinstance(context, Ref):
+            context = decode_value(context.kind, cassette.ref_blob(context.digest))  # type: ignore[arg-type]
+        print(f"resuming session {s.session} from {args.cassette}", file=sys.stderr)
+        if sys.stderr.isatty() if args.progress is None else args.progress:
+            from council.progress import watch
+
+            s.call_in(partial(watch, s.client))
+        result = await s.ask(
+            asked.prompt,
+            context=context,
+            args=asked.args or None,
+            timeout=args.timeout,
+            entry=asked.callee,
+        )
+    _print_result(args, result)
+    print(f"recorded to {args.cassette} (show it: council trace {args.cassette})", file=sys.stderr)
     if s.replayer is not None:
         print(s.replayer.report(), file=sys.stderr)
     return 0
@@ -413,6 +542,14 @@ async def _human(args: argparse.Namespace) -> int:
     user, password = args.user, args.password
     if (given := _load_rights(args.rights)) is not None:
         user, password = given.credentials(desk)
+    if args.credentials:
+        try:
+            creds = json.loads(await anyio.Path(args.credentials).read_text())
+            user, password = creds["user"], creds["password"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CouncilError(
+                f"--credentials {args.credentials}: not a credentials file from `council run` ({e})"
+            ) from None
     async with await Bus.connect(
         args.nats, session=args.session, name=desk, user=user, password=password
     ) as bus:
@@ -442,6 +579,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _rights(args)
         if args.command == "run":
             return anyio.run(_run, args)
+        if args.command == "resume":
+            return anyio.run(_resume, args)
         if args.command == "serve":
             return anyio.run(_serve, args)
         if args.command == "human":

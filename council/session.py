@@ -19,6 +19,11 @@ every connection, deletes the session's data and stops the embedded server.
 
     async with Session(council, record="sessions/review.jsonl") as s: ...
     async with Session(council, replay="sessions/review.jsonl", strict=True) as s: ...
+
+`resume=CASSETTE` carries on a run that was cut short (the runner killed, the machine
+gone): asked the same again (`s.resumed` is the request the run was asked), every model
+and human answer the cassette holds is handed out from it, the rest is asked live, and
+the session records on into the same cassette.
 """
 
 from __future__ import annotations
@@ -207,6 +212,7 @@ class Session:
         replay: str | Path | Cassette | Replayer | None = None,
         strict: bool = False,
         replay_live: bool = False,
+        resume: str | Path | None = None,
     ) -> None:
         """`record`: the cassette to write (its blobs go beside it). `replay`: a cassette (or
         a Replayer, to choose the peers or how requests match) whose recorded answers stand in
@@ -214,7 +220,14 @@ class Session:
         replayed human. At exit the unused recordings are logged; with `strict` a request the
         cassette did not hold raises ReplayMismatch, and unused recordings UnusedRecordings.
         `replay_live`: a request the cassette does not hold is answered by the real peer
-        instead (pytest's new_episodes); human endpoints are then opened as usual."""
+        instead (pytest's new_episodes); human endpoints are then opened as usual.
+        `resume`: a cassette of a run cut short to carry on (see the module docstring); it
+        is the recording too, and the session id is the recorded one unless given."""
+        self.resumed: Call | None = None
+        if resume is not None:
+            cassette, self.resumed = _resuming(resume, replay, record)
+            session = session or cassette.header.session
+            record = cassette.path
         self.council = council.check()
         self.nats_url = nats_url
         # True: generate users for the embedded server. A Rights: the users an external
@@ -245,6 +258,11 @@ class Session:
         self.strict = strict
         self.replay_live = replay_live
         self.replayer = self._replayer(replay) if replay is not None else None
+        if resume is not None:
+            self.replay_live, self.strict = True, False
+            names = replayed_names(self.council, self.local)
+            self.replayer = Replayer(cassette, names, resume=True)
+            self.record_options["resume"] = cassette
         self.replayed: set[str] = set(self.replayer.names) if self.replayer else set()
         for name in list(self.humans):
             if name in self.replayed and not replay_live:  # the cassette answers for them
@@ -437,6 +455,9 @@ class Session:
         if replayer is None:
             return
         faithful = not replayer.mismatches and not replayer.unused()
+        if self.resumed is not None:
+            _log.info("session.resumed", report=replayer.report())
+            return
         (_log.info if faithful else _log.warning)("session.replayed", report=replayer.report())
         if not self.strict or (error is not None and not isinstance(error, CouncilError)):
             return
@@ -515,6 +536,26 @@ class Session:
         """Like `call_in`, returning once `fn` calls `task_status.started()`."""
         assert self._tg is not None, "enter the session first"
         return await self._tg.start(fn)
+
+
+def _resuming(
+    path: str | Path, replay: object, record: str | Path | None
+) -> tuple[Cassette, Call | None]:
+    """The cassette a resume carries on, and the request its run was asked."""
+    if replay is not None:
+        raise CouncilError("resume= carries on a recording; it cannot be combined with replay=")
+    cassette = Cassette.load(path, lenient=True)
+    if record is not None and Path(record).resolve() != cassette.path.resolve():
+        raise CouncilError(f"a resumed run records on into {cassette.path}; drop record={record}")
+    asked = next(
+        (
+            it.call
+            for it in cassette.interactions()
+            if it.call.caller == RUNNER and it.call.parent is None
+        ),
+        None,
+    )
+    return cassette, asked
 
 
 async def _unwind(stack: AsyncExitStack, *exc: Any) -> bool | None:

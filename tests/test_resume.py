@@ -1,0 +1,201 @@
+"""Resume: a run killed mid-fan-out carries on from its cassette, asking no model twice
+(beyond the calls in flight when it died). Real processes all the way: `council run`, a
+SIGKILL, `council resume`, a scripted OpenAI-compatible HTTP server that counts."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from council.cassette import Cassette, CassetteTruncated
+
+HERE = Path(__file__).parent
+ROOT = HERE.parent
+N = 1000
+CONCURRENCY = 16  # model requests in flight at most (the LLM peer's bound)
+
+COUNCIL = f"""
+from council import LLM, Agent, Council, Limits
+
+council = Council(
+    entry="root",
+    peers=[
+        Agent("root", model="openai/root", calls=["llm"], limits=Limits(iterations=3)),
+        LLM("llm", model="openai/sub", concurrency={CONCURRENCY}, description="gives a number"),
+    ],
+)
+"""
+
+
+class Stub:
+    def __init__(self, delay: float) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(HERE / "counting_stub.py"), str(N), str(delay)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        line = self.proc.stdout.readline()  # type: ignore[union-attr]
+        assert line.startswith("READY"), line
+        self.url = f"http://127.0.0.1:{int(line.split()[1])}"
+
+    def stats(self) -> dict:
+        with urllib.request.urlopen(self.url + "/stats", timeout=10) as r:
+            return json.loads(r.read())
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture
+def stubs():
+    made: list[Stub] = []
+
+    def make(delay: float) -> Stub:
+        made.append(Stub(delay))
+        return made[-1]
+
+    yield make
+    for s in made:
+        s.close()
+
+
+def _env(stub: Stub, tmp_path: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        OPENAI_API_BASE=stub.url + "/v1",
+        OPENAI_BASE_URL=stub.url + "/v1",
+        OPENAI_API_KEY="sk-resumetest0123456789abcdef0123",
+        COUNCIL_SESSIONS=str(tmp_path / "sessions"),
+        COUNCIL_LOG_LEVEL="warning",
+        PYTHONPATH=str(ROOT),
+    )
+    return env
+
+
+def _council(tmp_path: Path) -> tuple[Path, Path]:
+    spec = tmp_path / "fanout.py"
+    spec.write_text(COUNCIL)
+    rng = random.Random(7)
+    context = tmp_path / "input.txt"
+    context.write_text("".join(rng.choice("abcdefghij ") for _ in range(N * 12)))
+    return spec, context
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "council.cli", *args]
+
+
+def _run_args(spec: Path, context: Path, cassette: Path) -> list[str]:
+    return _cli(
+        "run",
+        f"{spec}:council",
+        "--prompt",
+        "Add up the numbers of every part.",
+        "--context",
+        str(context),
+        "--no-human",
+        "--quiet",
+        "--timeout",
+        "300",
+        "--record",
+        str(cassette),
+    )
+
+
+def test_a_killed_run_resumes_with_the_same_answer_asking_only_the_calls_in_flight_again(
+    tmp_path, stubs
+):
+    spec, context = _council(tmp_path)
+    whole, cut = stubs(0.05), stubs(0.05)
+
+    # The run as it should go: uninterrupted.
+    done = subprocess.run(
+        _run_args(spec, context, tmp_path / "whole.jsonl"),
+        env=_env(whole, tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    expected = done.stdout.strip()
+    assert expected.startswith("total ") and expected.endswith(f"over {N}"), expected
+    assert whole.stats()["sub"] == N
+
+    # The same run, its runner SIGKILLed after about 600 answers.
+    cassette = tmp_path / "cut.jsonl"
+    runner = subprocess.Popen(
+        _run_args(spec, context, cassette),
+        env=_env(cut, tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 300
+    while cut.stats()["sub"] < 600:
+        assert runner.poll() is None, runner.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "the run never got to 600 model calls"
+        time.sleep(0.01)
+    runner.send_signal(signal.SIGKILL)
+    runner.communicate()
+    killed = cut.stats()
+    assert 600 <= killed["sub"] < N, killed
+
+    with pytest.raises(CassetteTruncated):
+        Cassette.load(cassette)  # cut short: a plain replay refuses it...
+    partial = Cassette.load(cassette, lenient=True)  # ...a resume reads what is there
+    answered = sum(1 for it in partial.interactions() if it.call.callee == "llm" and it.answer)
+    assert answered >= killed["sub"] - CONCURRENCY * 2, (answered, killed)
+
+    resumed = subprocess.run(
+        _cli("resume", str(cassette), "--quiet", "--timeout", "300"),
+        env=_env(cut, tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.stdout.strip() == expected
+    after = cut.stats()
+    asked_twice = after["repeated"]
+    print(
+        f"\nresume: killed after {killed['sub']} model calls, {answered} answers recorded; "
+        f"{after['sub'] - killed['sub']} asked by the resume; {asked_twice} asked twice "
+        f"(in flight at most {CONCURRENCY}; max seen {killed['in_flight_max']})"
+    )
+    assert after["distinct"] == N  # every part asked, none forgotten
+    assert asked_twice <= CONCURRENCY, after  # at most the calls in flight at the kill
+    assert after["root"] == 1  # the root model's turn came from the recording
+    # the key the models used never reached the cassette
+    assert "sk-resumetest" not in cassette.read_text()
+
+    # The cassette is whole again: both runs, the resumed one marked, and a plain replay
+    # of it plays the run that finished.
+    full = Cassette.load(cassette)
+    assert [e.kind for e in full.entries].count("mark") == 1
+    replayed = subprocess.run(
+        [
+            *_cli("run", f"{spec}:council", "--prompt", "Add up the numbers of every part."),
+            *("--context", str(context), "--no-human", "--quiet", "--replay", str(cassette)),
+        ],
+        env=_env(cut, tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert replayed.returncode == 0, replayed.stderr[-3000:]
+    assert replayed.stdout.strip() == expected
+    assert cut.stats()["sub"] == after["sub"]  # no model asked by the replay
+    trace = subprocess.run(
+        _cli("trace", str(cassette)), capture_output=True, text=True, env=_env(cut, tmp_path)
+    )
+    assert trace.returncode == 0 and "(resumed: at " in trace.stdout, trace.stderr
