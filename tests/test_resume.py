@@ -199,3 +199,55 @@ def test_a_killed_run_resumes_with_the_same_answer_asking_only_the_calls_in_flig
         _cli("trace", str(cassette)), capture_output=True, text=True, env=_env(cut, tmp_path)
     )
     assert trace.returncode == 0 and "(resumed: at " in trace.stdout, trace.stderr
+
+
+@pytest.mark.anyio
+async def test_a_cut_cassette_is_carried_on_and_whole_again(
+    nats_server, session_id, tmp_path, connect
+):
+    """Recorder(resume=): the cut-off line and the missing end go, a mark starts the new run,
+    the result loads strictly; a replay plays the last run, a resume every answered call."""
+    import anyio
+
+    from channels.messages import Call
+    from council.record import Recorder
+    from council.replay import Replayer
+
+    path = tmp_path / "r.jsonl"
+    server, client, rb = await connect("echo"), await connect("client"), await connect("rec")
+
+    async def echo(call: Call) -> str:
+        return call.prompt.upper()
+
+    async with Recorder(rb.nc, session_id, path, replay=["echo"]):
+        async with anyio.create_task_group() as tg:
+            await tg.start(server.serve, "echo", echo)
+            for word in ("one", "two", "three"):
+                await client.call("echo", word)
+            tg.cancel_scope.cancel()
+    lines = path.read_bytes().split(b"\n")[:-2]  # no end record...
+    path.write_bytes(b"\n".join(lines[:-1]) + b"\n" + lines[-1][:20])  # ...and a cut last line
+    cut = Cassette.load(path, lenient=True)
+    assert "cut off" in cut.problem and [str(d) for d in cut.damaged]
+    answered = [it.call.prompt for it in cut.interactions() if it.answer is not None]
+    assert answered == ["one", "two"]  # "three"'s reply was on the line cut off
+
+    async with Recorder(rb.nc, session_id, path, resume=cut):
+        async with anyio.create_task_group() as tg:
+            await tg.start(server.serve, "echo", echo)
+            for word in ("one", "two", "three", "four"):
+                await client.call("echo", word)
+            tg.cancel_scope.cancel()
+    whole = Cassette.load(path)  # strict: count and digest hold over both runs
+    assert whole.complete and len(whole.segments) == 2
+    mark = whole.entries[whole.segments[1]]
+    assert mark.kind == "mark" and mark.msg == {"session": session_id, "after": len(cut.entries)}
+    replay = Replayer(whole, ["echo"])  # the run that finished
+    assert [r.interaction.call.prompt for r in replay._recorded] == ["one", "two", "three", "four"]
+    resume = Replayer(Cassette.load(path, lenient=True), ["echo"], resume=True)
+    assert sorted(r.interaction.call.prompt for r in resume._recorded) == [
+        "four",
+        "one",
+        "three",
+        "two",
+    ]
