@@ -40,6 +40,7 @@ from council.replay import Replayer
 
 IN_FLIGHT = 100
 STOPS: list[float] = []  # recorder.stop(): settle, drain, end record, fsync
+FLUSHES: dict[str, list[int]] = {}  # writes to the OS per recorded run, by flush mode
 
 
 async def instant_llm(call: Call) -> Reply:
@@ -117,11 +118,43 @@ async def run_once(
                 t1 = time.perf_counter()
                 await recorder.stop()
                 STOPS.append(time.perf_counter() - t1)
+                assert recorder._writer is not None
+                FLUSHES.setdefault(flush, []).append(recorder._writer.flushes)
             tg.cancel_scope.cancel()
     finally:
         for b in buses.values():
             await b.close()
     return elapsed, reply, replayer
+
+
+def writer_cost(cassette: Path, rounds: int) -> dict[str, float]:
+    """The writer thread alone, fed a recorded session's messages as fast as it takes them:
+    microseconds per message for each flush mode (the session's own noise left out)."""
+    import queue
+
+    from council.record import _Writer
+
+    loaded = Cassette.load(cassette)
+    items = [
+        (e.subject, json.dumps(e.msg, separators=(",", ":")).encode(), e.t)
+        for e in loaded.entries
+        if e.msg is not None
+    ]
+    out: dict[str, float] = {}
+    for mode in ("end", "batch", "line"):
+        times = []
+        for _ in range(rounds):
+            q: queue.SimpleQueue = queue.SimpleQueue()
+            for item in items:
+                q.put(item)
+            q.put(None)
+            w = _Writer(cassette.with_name("writer.jsonl"), loaded.header, q, flush=mode)  # type: ignore[arg-type]
+            t = time.perf_counter()
+            w.run()
+            times.append(time.perf_counter() - t)
+            w.file.close()
+        out[mode] = round(statistics.median(times) / len(items) * 1e6, 2)
+    return out
 
 
 async def main(n: int, rounds: int) -> dict[str, object]:
@@ -184,6 +217,14 @@ async def main(n: int, rounds: int) -> dict[str, object]:
         "target_replay_s": 5.0,
     }
     fig["replay_within_target"] = fig["replay_s"] <= 5.0  # type: ignore[operator]
+    fig["flushes_per_run"] = {m: int(statistics.median(v)) for m, v in FLUSHES.items()}
+    per_msg = writer_cost(cassette, max(rounds, 5))
+    fig["writer_us_per_message"] = per_msg
+    print(
+        f"writer alone         {per_msg['end']} us/message flushing at the end, "
+        f"{per_msg['batch']} in batches, {per_msg['line']} per line; flushes per run "
+        f"{fig['flushes_per_run']}"
+    )
     fig["versions"] = _versions()
     print(f"{n} model calls + 2, median of {rounds} rounds")
     print(f"live (no recorder)   {fig['live_s']:.3f} s")

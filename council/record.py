@@ -329,6 +329,7 @@ class _Writer:
         self.count = 0
         self.calls = 0
         self.dropped = 0
+        self.flushes = 0
         self.digest = hashlib.sha256()
         self.refs: dict[str, dict[str, Any]] = {}
         self._synced = self._flushed = time.monotonic()
@@ -357,6 +358,7 @@ class _Writer:
         self.count += 1
 
     def _flush(self, sync: bool = False) -> None:
+        self.flushes += 1
         self.file.flush()
         now = self._flushed = time.monotonic()
         if sync or now - self._synced >= SYNC_INTERVAL:
