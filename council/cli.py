@@ -211,6 +211,11 @@ def _parser() -> argparse.ArgumentParser:
     resume.add_argument("--model", "-m", help="use this model for every agent and LLM peer")
     _nats_args(resume)
     resume.add_argument("--no-rights", action="store_true", help="as for `council run`")
+    resume.add_argument(
+        "--no-human",
+        action="store_true",
+        help="open no terminal endpoint for the council's human (answer with `council human`)",
+    )
     resume.add_argument("--timeout", type=float, default=600.0, help="seconds for the request")
     resume.add_argument("--json", action="store_true", help="print the result as JSON")
     _progress_args(resume)
@@ -466,10 +471,21 @@ async def _resume(args: argparse.Namespace) -> int:
     given = _load_rights(args.rights)
     if given is not None and not args.nats:
         raise CouncilError("--rights is for an external server: pass its URL with --nats")
+    from agents.human import TerminalHuman
+    from council.declare import Human
+
+    humans = [p.name for p in council.peers if isinstance(p, Human)]
+    # a question the recording does not hold is asked here, as `council run` would
+    endpoints = (
+        {humans[0]: TerminalHuman(humans[0], stdout=sys.stderr)}
+        if len(humans) == 1 and not args.no_human
+        else {}
+    )
     async with Session(
         council,
         nats_url=args.nats,
         rights=given if given is not None else not args.no_rights,
+        humans=endpoints,
         local=(cassette.header.meta.get("local") or None),
         credentials=(args.user, args.password) if args.user else None,
         timeout=args.timeout,

@@ -265,7 +265,7 @@ class Session:
             self.record_options["resume"] = cassette
         self.replayed: set[str] = set(self.replayer.names) if self.replayer else set()
         for name in list(self.humans):
-            if name in self.replayed and not replay_live:  # the cassette answers for them
+            if name in self.replayed and not self.replay_live:  # the cassette answers for them
                 del self.humans[name]
         self.rights: permissions.Rights | None = given
         self.url: str | None = nats_url

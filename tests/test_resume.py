@@ -251,3 +251,56 @@ async def test_a_cut_cassette_is_carried_on_and_whole_again(
         "three",
         "two",
     ]
+
+
+@pytest.mark.anyio
+async def test_session_resume_hands_out_what_was_recorded_and_asks_only_the_rest(tmp_path):
+    """Session(resume=): agents with real REPL code, a fan-out, a human; the recording cut
+    as a SIGKILL leaves it (no end, a half line); the run finishes with the same answer and
+    the models are asked only what the recording did not hold."""
+    from agents.human import ScriptedHuman
+    from agents.models import FunctionModel
+    from council.session import Session
+    from tests.test_session_replay import COUNCIL, DOCUMENT, FAN, live_models, noter, thinker
+
+    path = tmp_path / "review.jsonl"
+    async with Session(
+        COUNCIL,
+        models=live_models(),
+        humans={"ada": ScriptedHuman("ada", ["publish it"])},
+        record=path,
+        timeout=120,
+    ) as s:
+        live = await s.ask("Review this draft", context=DOCUMENT, timeout=120)
+    lines = path.read_bytes().split(b"\n")
+    keep = int(len(lines) * 0.6)
+    path.write_bytes(b"\n".join(lines[:keep]) + b"\n" + lines[keep][: len(lines[keep]) // 2])
+
+    asked: list[str] = []
+
+    def counted(fn):
+        def model(messages):
+            asked.append(fn.__name__)
+            return fn(messages)
+
+        return model
+
+    cost = 2**-12
+    models = {
+        "thinker": FunctionModel(counted(thinker), cost=cost),
+        "noter": FunctionModel(counted(noter), cost=cost),
+    }
+    ada = ScriptedHuman("ada", ["publish it"])
+    async with Session(COUNCIL, models=models, humans={"ada": ada}, resume=path) as s:
+        assert s.resumed is not None and s.resumed.prompt == "Review this draft"
+        assert s.record_path == path
+        resumed = await s.ask(s.resumed.prompt, context=s.resumed.context, timeout=120)
+        replayer = s.replayer
+    assert resumed.value == live.value
+    assert replayer is not None and replayer.served > FAN // 3  # most came from the recording
+    # every call was either handed out from the recording or asked live, none both
+    assert replayer.served + len(replayer.forwarded) == FAN + 4 + 1
+    assert len(asked) == len([c for c in replayer.forwarded if c.callee != "ada"])
+    assert len(ada.asked) == sum(c.callee == "ada" for c in replayer.forwarded)
+    whole = Cassette.load(path)
+    assert len(whole.segments) == 2
