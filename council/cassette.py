@@ -8,8 +8,13 @@ Layout, one JSON object a line:
     {"kind": "end", "entries": N, "digest": "sha256:...", ...}          last line
 
 The end record carries the count and a digest of every entry line, so a cassette cut
-short (a crashed recorder, a partial copy) or edited by hand is refused up front, with
-what to do about it, instead of replaying half a session into confusing mismatches.
+short (a crashed recorder, a partial copy) or edited by hand is refused up front for a
+replay, with what to do about it, instead of replaying half a session into confusing
+mismatches. Traces and resumes read one leniently (`lenient=True`): what cannot be used
+(a garbage line, a cut-off last line, a message type this version does not know) is kept
+aside in `damaged` / `unusable()` and the rest is read. A resumed run appends to the
+cassette after a `{"kind": "mark", ...}` entry, so one cassette may hold several runs
+(`segments`); the end record then covers them all.
 A message bigger than the header's `inline_limit` lives in the blobs folder beside the
 cassette (named by its sha256), and so do the contents of Refs the recorder could read.
 """
