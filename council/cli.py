@@ -259,11 +259,6 @@ def _parser() -> argparse.ArgumentParser:
     human.add_argument("--name", default=os.environ.get("USER", "human"), help="the human peer")
     _nats_args(human, required=True, embedded=False)
     human.add_argument("--session", required=True, help="the session id (printed by `council run`)")
-    human.add_argument(
-        "--credentials",
-        metavar="PATH",
-        help="the file `council run` wrote this human's NATS user and password to",
-    )
 
     from council import trace
 
@@ -396,13 +391,11 @@ async def _run(args: argparse.Namespace) -> int:
         for name in humans:
             if name != human:
                 desk = council.peer(name).desk  # type: ignore[union-attr]
-                creds = ""
-                if s.rights:  # the password goes to a private file, never to the terminal
-                    path = _credentials_file(s.session, desk, *s.credentials(desk))
-                    creds = f" --credentials {path}"
+                user, password = s.credentials(desk)
+                creds = f"NATS_USER={user} NATS_PASSWORD={password} " if s.rights else ""
                 print(
-                    f"human {name!r} answers with: council human --name {name} "
-                    f"--nats {s.url} --session {s.session}{creds}",
+                    f"human {name!r} answers with: {creds}council human --name {name} "
+                    f"--nats {s.url} --session {s.session}",
                     file=sys.stderr,
                 )
         result = await s.ask(
@@ -417,16 +410,6 @@ async def _run(args: argparse.Namespace) -> int:
     if s.replayer is not None:
         print(s.replayer.report(), file=sys.stderr)
     return 0
-
-
-def _credentials_file(session: str, name: str, user: str | None, password: str | None) -> Path:
-    """One connection's NATS credentials in a file only this user may read."""
-    path = sessions_dir() / f"{session}.{name}.credentials.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump({"user": user, "password": password}, f)
-    return path
 
 
 def _print_result(args: argparse.Namespace, result: Any) -> None:
@@ -558,14 +541,6 @@ async def _human(args: argparse.Namespace) -> int:
     user, password = args.user, args.password
     if (given := _load_rights(args.rights)) is not None:
         user, password = given.credentials(desk)
-    if args.credentials:
-        try:
-            creds = json.loads(await anyio.Path(args.credentials).read_text())
-            user, password = creds["user"], creds["password"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise CouncilError(
-                f"--credentials {args.credentials}: not a credentials file from `council run` ({e})"
-            ) from None
     async with await Bus.connect(
         args.nats, session=args.session, name=desk, user=user, password=password
     ) as bus:

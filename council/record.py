@@ -304,6 +304,7 @@ class Recorder:
                 missing.append(digest)
                 continue
             budget -= len(data)
+            data = _masked(ref.kind, data)
             self.blobs_dir.mkdir(parents=True, exist_ok=True)
             await anyio.to_thread.run_sync(target.write_bytes, data)
             saved.append(digest)
@@ -444,6 +445,16 @@ class _Writer:
         size = self.file.tell()
         self.file.close()
         return size
+
+
+def _masked(kind: str, data: bytes) -> bytes:
+    """A saved value with credentials masked (text and JSON; bytes are kept as they are). The
+    file keeps the Ref's name: a replay serves the masked value under it."""
+    if kind == "bytes" or not redact.maybe_secret(data):
+        return data
+    if kind == "json":
+        return redact.json_bytes(data)
+    return redact.text(data.decode("utf-8", "replace")).encode()
 
 
 def _collect_refs(obj: Any, out: dict[str, dict[str, Any]]) -> None:

@@ -147,14 +147,14 @@ async def test_an_unknown_message_type_is_shown_as_such(council_cassette_path, t
     lines = council_cassette_path.read_bytes().split(b"\n")
     obj = json.loads(lines[3])
     # what a newer peer might send: a type this version has never heard of
-    odd = {**obj, "kind": "event", "msg": {"type": "working", "v": 1, "call": "x"}}
+    odd = {**obj, "kind": "event", "msg": {"type": "telepathy", "v": 1, "call": "x"}}
     odd2 = {**obj, "kind": "teleport", "msg": {"type": "call"}}
     bad = tmp_path / "unknown.jsonl"
     bad.write_bytes(
         b"\n".join([*lines[:3], json.dumps(odd).encode(), json.dumps(odd2).encode(), *lines[3:]])
     )
     text, page = await _trace(bad, tmp_path)
-    assert "unknown message type 'working'" in text
+    assert "unknown message type 'telepathy'" in text
     assert "line 5: a record of unknown kind 'teleport'" in text
     assert _tree_lines(text) == _tree_lines(whole)
     assert sum("unknown" in d for d in page["damaged"]) == 2

@@ -188,7 +188,7 @@ async def test_a_damaged_cassette_page_lists_what_it_could_not_read_and_shows_th
     path = tmp_path / "council.jsonl"
     await record_council(nats_server.url, session_id, path)
     lines = path.read_bytes().split(b"\n")
-    odd = json.loads(lines[3]) | {"kind": "event", "msg": {"type": "working", "v": 1}}
+    odd = json.loads(lines[3]) | {"kind": "event", "msg": {"type": "telepathy", "v": 1}}
     damaged = tmp_path / "damaged.jsonl"
     damaged.write_bytes(  # garbage, an unknown type, and a last line cut off mid-record
         b"\n".join([*lines[:3], b"\x00garbage", json.dumps(odd).encode(), *lines[3:-3]])
@@ -206,6 +206,6 @@ async def test_a_damaged_cassette_page_lists_what_it_could_not_read_and_shows_th
     title, notes, rows = shown
     assert title.endswith("(incomplete recording)")
     assert any("line 4: not JSON" in n for n in notes)
-    assert any("unknown message type 'working'" in n for n in notes)
+    assert any("unknown message type 'telepathy'" in n for n in notes)
     assert any("cut off mid-record" in n for n in notes)
     assert rows >= 2 * PARTS  # the calls that were read are all there
