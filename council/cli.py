@@ -431,9 +431,26 @@ async def _resume(args: argparse.Namespace) -> int:
     from channels.redact import MASK
     from council.cassette import Cassette
     from council.declare import Council
-    from council.session import Session
+    from council.session import Session, resumed_request
 
     cassette = Cassette.load(args.cassette, lenient=True)
+    asked = resumed_request(cassette)
+    if asked is None:
+        raise CouncilError(
+            f"{args.cassette} holds no request to the council (the run was cut short "
+            "before it was asked); start it again with `council run`"
+        )
+    context = asked.context
+    if args.context:
+        context = _read_context(args.context)
+    elif isinstance(context, Ref):
+        saved = cassette.ref_blob(context.digest)
+        if saved is None:
+            raise CouncilError(
+                f"the run's input ({context!r}) was in the dead session's store and is not in "
+                f"the recording; give it again: council resume {args.cassette} --context PATH"
+            )
+        context = decode_value(context.kind, saved)
     if args.target:
         council = load_target(args.target)
     elif cassette.header.council is None:
@@ -474,22 +491,6 @@ async def _resume(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         resume=cassette.path,
     ) as s:
-        asked = s.resumed
-        if asked is None:
-            raise CouncilError(
-                f"{args.cassette} holds no request to the council (the run was cut short "
-                "before it was asked); start it again with `council run`"
-            )
-        context = asked.context
-        if args.context:
-            context = _read_context(args.context)
-        elif isinstance(context, Ref) and cassette.ref_blob(context.digest) is None:
-            raise CouncilError(
-                f"the run's input ({context!r}) was in the dead session's store and is not in "
-                f"the recording; give it again: council resume {args.cassette} --context PATH"
-            )
-        elif isinstance(context, Ref):
-            context = decode_value(context.kind, cassette.ref_blob(context.digest))  # type: ignore[arg-type]
         print(f"resuming session {s.session} from {args.cassette}", file=sys.stderr)
         if sys.stderr.isatty() if args.progress is None else args.progress:
             from council.progress import watch

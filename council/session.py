@@ -547,7 +547,12 @@ def _resuming(
     cassette = Cassette.load(path, lenient=True)
     if record is not None and Path(record).resolve() != cassette.path.resolve():
         raise CouncilError(f"a resumed run records on into {cassette.path}; drop record={record}")
-    asked = next(
+    return cassette, resumed_request(cassette)
+
+
+def resumed_request(cassette: Cassette) -> Call | None:
+    """The request the recorded run was asked (its first call from the runner), if any."""
+    return next(
         (
             it.call
             for it in cassette.interactions()
@@ -555,7 +560,6 @@ def _resuming(
         ),
         None,
     )
-    return cassette, asked
 
 
 async def _unwind(stack: AsyncExitStack, *exc: Any) -> bool | None:

@@ -307,3 +307,34 @@ async def test_session_resume_hands_out_what_was_recorded_and_asks_only_the_rest
     assert len(ada.asked) == sum(c.callee == "ada" for c in replayer.forwarded)
     whole = Cassette.load(path)
     assert len(whole.segments) == 2
+
+
+def test_resume_asks_for_an_input_the_dead_run_never_saved_and_touches_nothing(tmp_path, capsys):
+    """A big input lives in the session's store; a run killed before the end never saved it
+    beside the cassette: `council resume` says to give it again, and leaves the file as is."""
+    import shutil
+
+    import anyio
+
+    from agents.models import FunctionModel
+    from council import LLM, Council, Session
+    from council.cli import main
+    from council.session import INLINE_CONTEXT_LIMIT
+
+    council = Council(entry="llm", peers=[LLM("llm", model="m")])
+    path = tmp_path / "big.jsonl"
+    big = "a long document. " * (INLINE_CONTEXT_LIMIT // 16)
+
+    async def record() -> None:
+        async with Session(council, models={"m": FunctionModel(lambda m: "ok")}, record=path) as s:
+            await s.ask("Summarise", context=big)
+
+    anyio.run(record)
+    cut = path.read_bytes().split(b"\n")[:-2]  # the end record never written...
+    path.write_bytes(b"\n".join(cut) + b"\n")
+    shutil.rmtree(Cassette.load(path, lenient=True).blobs_dir)  # ...nor the values saved
+    before = path.read_bytes()
+    assert main(["resume", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "was in the dead session's store" in err and "--context PATH" in err
+    assert path.read_bytes() == before
