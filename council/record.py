@@ -3,9 +3,9 @@
 It listens, it never takes part: two wildcard subscriptions (the session's subjects and
 its peers' reply inboxes) whose callbacks only stamp and queue the raw bytes, so a
 session runs as fast recorded as not. A writer thread turns them into cassette lines and
-hands them to the OS whenever it has caught up with the bus (and fsyncs at most once a
-`SYNC_INTERVAL`), so a runner killed mid-run loses at most the messages still queued: the
-calls in flight. The end record (count + digest) is written at `stop()`, so a cassette
+hands them to the OS whenever it has caught up with the bus (and fsyncs once a
+`SYNC_INTERVAL` while there is news), so a runner killed mid-run loses at most the
+messages still queued: the calls in flight. The end record (count + digest) is written at `stop()`, so a cassette
 that lacks it is known to be cut short; `Recorder(..., resume=cassette)` carries on
 writing such a cassette where it stopped (council/session.py's resume).
 
@@ -334,6 +334,7 @@ class _Writer:
         self.digest = hashlib.sha256()
         self.refs: dict[str, dict[str, Any]] = {}
         self._synced = self._flushed = time.monotonic()
+        self._unsynced = False
         if resume is None:
             self.file = open(path, "wb", buffering=1 << 20)
             self.file.write(header.model_dump_json().encode() + b"\n")
@@ -362,9 +363,10 @@ class _Writer:
         self.flushes += 1
         self.file.flush()
         now = self._flushed = time.monotonic()
+        self._unsynced = True
         if sync or now - self._synced >= SYNC_INTERVAL:
             os.fsync(self.file.fileno())
-            self._synced = now
+            self._synced, self._unsynced = now, False
 
     @property
     def blobs_dir(self) -> Path:
@@ -372,7 +374,15 @@ class _Writer:
 
     def run(self) -> None:
         empty = self.queue.empty
-        while (item := self.queue.get()) is not None:
+        while True:
+            try:
+                item = self.queue.get(timeout=SYNC_INTERVAL)
+            except queue.Empty:  # idle: make what was written survive the machine too
+                if self._unsynced:
+                    self._flush(sync=True)
+                continue
+            if item is None:
+                break
             try:
                 self._write(*item)
             except Exception as e:  # one bad message must not end the recording
