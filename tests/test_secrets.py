@@ -215,3 +215,33 @@ async def test_a_value_kept_beside_the_cassette_is_masked_too(tmp_path):
     assert saved and all(secret.encode() not in b for b in saved)  # ...masked
     assert any(b"deploy key [MASKED]" in b for b in saved)
     assert secret not in path.read_text()
+
+
+@pytest.mark.anyio
+async def test_a_trace_masks_a_cassette_recorded_before_masking(
+    nats_server, session_id, tmp_path, connect
+):
+    """Defence in depth: a cassette that holds a credential (an older recorder, a hand edit)
+    is still shown masked by `council trace` and its page."""
+    from council import trace
+
+    path = tmp_path / "old.jsonl"
+    server, client, rb = await connect("echo"), await connect("client"), await connect("rec")
+
+    async def echo(call: Call) -> str:
+        return "fine"
+
+    async with Recorder(rb.nc, session_id, path):
+        async with anyio.create_task_group() as tg:
+            await tg.start(server.serve, "echo", echo)
+            await client.call("echo", "PLACEHOLDER")
+            tg.cancel_scope.cancel()
+    secret = SECRETS["github"]
+    path.write_text(path.read_text().replace("PLACEHOLDER", f"use {secret}"))
+    assert secret in path.read_text()
+    cassette = Cassette.load(path, lenient=True)  # the edit shows as a digest mismatch
+    built = trace.build(cassette)
+    text = trace.render_text(built)
+    assert "echo <- client" in text and "use [MASKED]" in text and secret not in text
+    page = trace.render_html(built)
+    assert "use [MASKED]" in page and secret not in page
