@@ -413,6 +413,12 @@ class Session:
                     peer._kv = await open_bucket(bus)  # what its run() prepares before serving
                     handlers[peer.name] = peer.ask
                 else:
+                    # What its run() does before serving: import the model's library off the
+                    # event loop now, not in the first forwarded call (seconds of a loop that
+                    # must keep answering and heartbeating the calls it holds).
+                    prepare = getattr(getattr(peer, "model", None), "prepare", None)
+                    if prepare is not None:
+                        await prepare()
                     handlers[peer.name] = partial(peer.handle, bus)  # type: ignore[attr-defined]
 
         async def forward(call: Call) -> Reply:
