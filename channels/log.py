@@ -8,6 +8,8 @@ import sys
 
 import structlog
 
+from channels import redact
+
 _configured = False
 
 
@@ -27,6 +29,7 @@ def configure(level: str | None = None, *, json: bool | None = None) -> None:
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
+            redact.processor(),  # no credential in any log line
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),

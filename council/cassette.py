@@ -8,8 +8,13 @@ Layout, one JSON object a line:
     {"kind": "end", "entries": N, "digest": "sha256:...", ...}          last line
 
 The end record carries the count and a digest of every entry line, so a cassette cut
-short (a crashed recorder, a partial copy) or edited by hand is refused up front, with
-what to do about it, instead of replaying half a session into confusing mismatches.
+short (a crashed recorder, a partial copy) or edited by hand is refused up front for a
+replay, with what to do about it, instead of replaying half a session into confusing
+mismatches. Traces and resumes read one leniently (`lenient=True`): what cannot be used
+(a garbage line, a cut-off last line, a message type this version does not know) is kept
+aside in `damaged` / `unusable()` and the rest is read. A resumed run appends to the
+cassette after a `{"kind": "mark", ...}` entry, so one cassette may hold several runs
+(`segments`); the end record then covers them all.
 A message bigger than the header's `inline_limit` lives in the blobs folder beside the
 cassette (named by its sha256), and so do the contents of Refs the recorder could read.
 """
@@ -21,7 +26,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -32,7 +37,11 @@ FORMAT = "council-cassette"
 FORMAT_VERSION = 1
 DEFAULT_INLINE_LIMIT = 64 * 1024
 
-EntryKind = Literal["call", "reply", "failure", "cancel", "event"]
+EntryKind = Literal["call", "reply", "failure", "cancel", "event", "mark"]
+ENTRY_KINDS: tuple[str, ...] = EntryKind.__args__  # type: ignore[attr-defined]
+# Every message type this version can decode; a cassette may hold others (written by a newer
+# framework, or a peer speaking a newer protocol): those are shown as unknown, never fatal.
+KNOWN_TYPES = frozenset(m.model_fields["type"].default for m in get_args(get_args(Message)[0]))
 
 
 class CassetteError(CouncilError, ValueError):
@@ -94,12 +103,32 @@ class Blob(_Strict):
 
 
 class Entry(_Strict):
+    """One message as the bus delivered it; or, kind "mark", where a resumed run took over
+    (its `msg` says from which session and when)."""
+
     kind: EntryKind
     seq: int = Field(ge=0)
     t: float
     subject: str = ""
     msg: dict[str, Any] | None = None  # the message as sent, unless it is in a blob
     blob: Blob | None = None
+
+
+@dataclass(frozen=True)
+class Damage:
+    """A line of a cassette that could not be used, and why (shown by `council trace`)."""
+
+    line: int  # 1-based line number in the file; for an entry, its seq is in `problem`
+    problem: str
+    preview: str = ""
+
+    def __str__(self) -> str:
+        return f"line {self.line}: {self.problem}" + (f"  {self.preview}" if self.preview else "")
+
+
+def _show(line: bytes, n: int = 80) -> str:
+    text = line.decode("utf-8", "replace")
+    return repr(text if len(text) <= n else text[:n] + "...")
 
 
 class Footer(_Strict):
@@ -145,7 +174,19 @@ class Cassette:
     entries: list[Entry]
     footer: Footer | None
     problem: str = ""  # why an incomplete cassette is incomplete (only with allow_incomplete)
-    _decoded: dict[int, Message] = field(default_factory=dict, repr=False)
+    damaged: list[Damage] = field(default_factory=list)  # unusable lines (lenient loads only)
+    lenient: bool = False
+    _decoded: dict[int, Message | None] = field(default_factory=dict, repr=False)  # by id()
+    _notes: dict[int, str] = field(default_factory=dict, repr=False)  # id() -> why unusable
+    _lines: list[int] = field(default_factory=list, repr=False)  # each entry's line number
+    # (byte offset after the last whole entry line, entry lines, their running digest):
+    # where a resumed recording carries on
+    _tail: tuple[int, int, Any] = field(default=(0, 0, None), repr=False)
+
+    @property
+    def segments(self) -> list[int]:
+        """The seq each recorded run starts at: 0, then one per resume mark."""
+        return [0] + [e.seq for e in self.entries if e.kind == "mark"]
 
     @property
     def complete(self) -> bool:
@@ -158,13 +199,19 @@ class Cassette:
     # -- loading ---------------------------------------------------------------------------
 
     @classmethod
-    def load(cls, path: str | Path, *, allow_incomplete: bool = False) -> Cassette:
+    def load(
+        cls, path: str | Path, *, allow_incomplete: bool = False, lenient: bool = False
+    ) -> Cassette:
         """Read and check a cassette; refuse anything not exactly as the recorder wrote it.
 
         `allow_incomplete` accepts a cassette whose recording was cut short (for tracing a
-        crashed session); corrupt lines and unknown versions are refused regardless.
+        crashed session). `lenient` (for traces and resumes) also reads a damaged one: every
+        line that cannot be used (not JSON, not a record, a record of a kind this version
+        does not know, a digest that does not match) is kept in `damaged` with its line
+        number, and the rest is read. Strict loading refuses all of those, with what to do.
         """
         path = Path(path)
+        allow_incomplete = allow_incomplete or lenient
         hint = rerecord_hint(path)
         try:
             raw = path.read_bytes()
@@ -183,9 +230,13 @@ class Cassette:
             lines.pop()
         header = _parse_header(path, lines[0], hint)
         entries: list[Entry] = []
+        damaged: list[Damage] = []
         footer: Footer | None = None
         digest = hashlib.sha256()
         problem = ""
+        offset = len(lines[0]) + 1  # bytes up to the end of the last whole entry line
+        counted = 0  # entry lines, damaged ones included (what the end record counts)
+        numbers: list[int] = []
         for n, line in enumerate(lines[1:], start=2):
             last = n == len(lines)
             try:
@@ -193,21 +244,50 @@ class Cassette:
             except ValueError:
                 if last and not ends_cleanly:
                     problem = f"its last line ({n}) is cut off mid-record"
+                    if lenient:
+                        damaged.append(Damage(n, "cut off mid-record", _show(line)))
                     break
-                raise CassetteCorrupt(
-                    f"cassette {path} line {n} is not JSON ({line[:60]!r}...); the file is "
-                    f"corrupted; {hint}"
-                ) from None
-            if isinstance(obj, dict) and obj.get("kind") == "end":
-                if not last:
+                if not lenient:
                     raise CassetteCorrupt(
-                        f"cassette {path} has records after its end record (line {n}); {hint}"
-                    )
-                footer = _validate(Footer, obj, path, n, hint)
-                break
-            entries.append(_validate(Entry, obj, path, n, hint))
+                        f"cassette {path} line {n} is not JSON ({line[:60]!r}...); the file is "
+                        f"corrupted; {hint}"
+                    ) from None
+                damaged.append(Damage(n, "not JSON", _show(line)))
+            else:
+                if isinstance(obj, dict) and obj.get("kind") == "end":
+                    if not last:
+                        if not lenient:
+                            raise CassetteCorrupt(
+                                f"cassette {path} has records after its end record (line {n}); "
+                                f"{hint}"
+                            )
+                        damaged.append(Damage(n, "an end record before the last line", ""))
+                    else:
+                        try:
+                            footer = _validate(Footer, obj, path, n, hint)
+                        except CassetteCorrupt as e:
+                            if not lenient:
+                                raise
+                            damaged.append(Damage(n, str(e).split("; ")[0], _show(line)))
+                        break
+                else:
+                    try:
+                        entries.append(_validate(Entry, obj, path, n, hint))
+                        numbers.append(n)
+                    except CassetteCorrupt as e:
+                        if not lenient:
+                            raise
+                        kind = obj.get("kind") if isinstance(obj, dict) else None
+                        what = (
+                            f"a record of unknown kind {kind!r}"
+                            if isinstance(kind, str) and kind not in ENTRY_KINDS
+                            else "not a valid record: " + str(e).split("(", 1)[-1].split(")")[0]
+                        )
+                        damaged.append(Damage(n, what, _show(line)))
             digest.update(line)
             digest.update(b"\n")
+            counted += 1
+            offset += len(line) + 1
         if footer is None:
             problem = problem or "it has no end record"
             if not allow_incomplete:
@@ -216,18 +296,36 @@ class Cassette:
                     f"the recording was interrupted or the file was cut; {hint}"
                 )
         else:
-            if footer.entries != len(entries):
-                raise CassetteCorrupt(
+            if footer.entries != counted:
+                what = (
                     f"cassette {path} says it holds {footer.entries} entries but has "
-                    f"{len(entries)}; lines were lost or added; {hint}"
+                    f"{counted}; lines were lost or added"
                 )
-            if footer.digest != "sha256:" + digest.hexdigest():
-                raise CassetteCorrupt(
-                    f"cassette {path} does not match its recorded digest: an entry was changed "
-                    f"after recording; {hint}"
+                if not lenient:
+                    raise CassetteCorrupt(f"{what}; {hint}")
+                damaged.append(Damage(len(lines), what.split(" says ", 1)[1], ""))
+            elif footer.digest != "sha256:" + digest.hexdigest():
+                if not lenient:
+                    raise CassetteCorrupt(
+                        f"cassette {path} does not match its recorded digest: an entry was "
+                        f"changed after recording; {hint}"
+                    )
+                damaged.append(
+                    Damage(len(lines), "the digest does not match: an entry was changed", "")
                 )
-        cassette = cls(path=path, header=header, entries=entries, footer=footer, problem=problem)
-        cassette._check_blobs(hint)
+        cassette = cls(
+            path=path,
+            header=header,
+            entries=entries,
+            footer=footer,
+            problem=problem,
+            damaged=damaged,
+            lenient=lenient,
+        )
+        cassette._tail = (offset, counted, digest)
+        cassette._lines = numbers
+        if not lenient:
+            cassette._check_blobs(hint)
         return cassette
 
     def _check_blobs(self, hint: str) -> None:
@@ -247,38 +345,90 @@ class Cassette:
 
     def message(self, entry: Entry) -> Message:
         """The entry's message, validated (and read from its blob when it was too big)."""
-        cached = self._decoded.get(entry.seq)
-        if cached is not None:
-            return cached
-        if entry.blob is not None:
-            data = (self.blobs_dir / blob_name(entry.blob.digest)).read_bytes()
-            if sha256(data) != entry.blob.digest:
-                raise CassetteCorrupt(
-                    f"value file {blob_name(entry.blob.digest)[:16]}... of cassette {self.path} "
-                    f"does not match its digest; {rerecord_hint(self.path)}"
-                )
-        else:
-            data = json.dumps(entry.msg).encode()
-        try:
-            msg = decode(data)
-        except MalformedMessage as e:
+        msg = self._message(entry)
+        if msg is None:
             raise CassetteCorrupt(
-                f"cassette {self.path} entry {entry.seq} is not a valid message for this "
-                f"framework: {e}; {rerecord_hint(self.path)}"
-            ) from None
-        self._decoded[entry.seq] = msg
+                f"cassette {self.path} entry {entry.seq} is not a message this framework "
+                f"knows: {self._note(entry)}"
+            )
         return msg
 
-    def messages(self) -> Iterator[tuple[Entry, Message]]:
-        for e in self.entries:
-            yield e, self.message(e)
+    def _message(self, entry: Entry) -> Message | None:
+        """The message, or None for one that cannot be used (noted in `damaged`). A type
+        this version does not know is never fatal; a known type in the wrong shape is, for a
+        strict load."""
+        key = id(entry)  # not the seq: a damaged file may repeat one
+        if key in self._decoded:
+            return self._decoded[key]
+        problem = ""
+        data = b""
+        if entry.kind == "mark":
+            problem = "mark"
+        elif entry.blob is not None:
+            try:
+                data = (self.blobs_dir / blob_name(entry.blob.digest)).read_bytes()
+            except OSError:
+                problem = f"its value file {blob_name(entry.blob.digest)[:16]}... is missing"
+            else:
+                if sha256(data) != entry.blob.digest:
+                    problem = f"value file {blob_name(entry.blob.digest)[:16]}... does not match its digest"
+                    if not self.lenient:
+                        raise CassetteCorrupt(
+                            f"{problem} (cassette {self.path}); {rerecord_hint(self.path)}"
+                        )
+        else:
+            data = json.dumps(entry.msg).encode()
+        msg: Message | None = None
+        if not problem:
+            try:
+                msg = decode(data)
+            except MalformedMessage as e:
+                mtype = _type_of(data)
+                if mtype is not None and mtype not in KNOWN_TYPES:
+                    problem = f"unknown message type {mtype!r} (shown as such, not used)"
+                elif not self.lenient:
+                    raise CassetteCorrupt(
+                        f"cassette {self.path} entry {entry.seq} is not a valid message for "
+                        f"this framework: {e}; {rerecord_hint(self.path)}"
+                    ) from None
+                else:
+                    problem = f"not a valid message: {e}"
+        if problem and problem != "mark":
+            self._notes[key] = problem
+        self._decoded[key] = msg
+        return msg
 
-    def interactions(self) -> list[Interaction]:
+    def _note(self, entry: Entry) -> str:
+        return self._notes.get(id(entry), "")
+
+    def unusable(self) -> list[Damage]:
+        """Every line that could not be used: damaged lines, then entries whose message is
+        of an unknown type or the wrong shape (after the messages were read)."""
+        for e in self.entries:
+            self._message(e)
+        out = list(self.damaged)
+        for i, e in enumerate(self.entries):
+            problem = self._notes.get(id(e))
+            if problem:
+                line = self._lines[i] if i < len(self._lines) else 0
+                out.append(Damage(line, f"entry {e.seq}: {problem}", e.subject))
+        return sorted(out, key=lambda d: d.line)
+
+    def messages(self, since: int = 0, until: int | None = None) -> Iterator[tuple[Entry, Message]]:
+        """Every usable message (seq in [since, until)); the rest is in `unusable()`."""
+        for e in self.entries:
+            if e.seq < since or (until is not None and e.seq >= until):
+                continue
+            m = self._message(e)
+            if m is not None:
+                yield e, m
+
+    def interactions(self, since: int = 0, until: int | None = None) -> list[Interaction]:
         """Every recorded call with its answer (or cancel), in the order the calls were seen."""
         by_id: dict[str, Interaction] = {}
         order: list[Interaction] = []
         early: dict[str, tuple[Entry, Message]] = {}  # an answer seen before its call
-        for e, m in self.messages():
+        for e, m in self.messages(since, until):
             if isinstance(m, Call):
                 it = Interaction(call=m, t=e.t, seq=e.seq)
                 by_id.setdefault(m.id, it)
@@ -309,6 +459,15 @@ class Cassette:
             if e.kind == "event" and getattr(m, "type", "") == "completion"
         }
         return sorted(found | set(self.header.models))
+
+
+def _type_of(data: bytes) -> str | None:
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        return None
+    t = obj.get("type") if isinstance(obj, dict) else None
+    return t if isinstance(t, str) else None
 
 
 def _attach(it: Interaction, e: Entry, m: Message) -> None:

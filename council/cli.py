@@ -4,7 +4,9 @@ recorded session, run the demo.
 A council is named as FILE.py:NAME (or module:NAME); NAME defaults to `council`.
 `council run` records every session into ./sessions/<session>.jsonl (--no-record to
 skip); `council run --replay CASSETTE` runs it again with the models and humans answered
-from the recording; `council trace CASSETTE` shows who called whom, at what cost.
+from the recording; `council resume CASSETTE` carries on a run that was cut short (what
+the recording holds is not asked again); `council trace CASSETTE` shows who called whom,
+at what cost.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ import anyio
 from channels import log
 from channels.bus import Bus
 from channels.errors import CouncilError
-from channels.messages import new_id
+from channels.messages import Ref, new_id
+from channels.store import decode_value
 from council.declare import load_target
 
 
@@ -79,6 +82,20 @@ def _sandbox_arg(p: argparse.ArgumentParser) -> None:
         choices=("on", "auto", "off"),
         help="the agents' REPL sandbox, over their declarations: on (refuse to run where the "
         "kernel cannot sandbox), auto (run unsandboxed there, and say so), off",
+    )
+
+
+def _progress_args(p: argparse.ArgumentParser) -> None:
+    shown = p.add_mutually_exclusive_group()
+    shown.add_argument(
+        "--progress",
+        dest="progress",
+        action="store_true",
+        default=None,
+        help="print a line per agent turn, model call and code run (default when stderr is a terminal)",
+    )
+    shown.add_argument(
+        "--quiet", "-q", dest="progress", action="store_false", help="no progress lines"
     )
 
 
@@ -183,17 +200,42 @@ def _parser() -> argparse.ArgumentParser:
         "call is never made",
     )
     run.add_argument("--json", action="store_true", help="print the result (value, usage) as JSON")
-    shown = run.add_mutually_exclusive_group()
-    shown.add_argument(
-        "--progress",
-        dest="progress",
+    _progress_args(run)
+
+    resume = sub.add_parser(
+        "resume",
+        help="carry on a run that was cut short, from its recording",
+        description="Run the recorded council again on the recorded request: every model and "
+        "human answer the cassette holds is handed out from it (no model is called for it "
+        "again), the rest is asked live, and the run records on into the same cassette. For a "
+        "runner that was killed or a machine that went away; a resumed run can be resumed "
+        "again.",
+    )
+    resume.add_argument("cassette", type=Path, help="the cassette of the run to carry on")
+    resume.add_argument(
+        "target",
+        nargs="?",
+        metavar="FILE:council",
+        help="the council (default: the declaration recorded in the cassette; give the file "
+        "when the declaration held credentials, which are never recorded)",
+    )
+    resume.add_argument(
+        "--context",
+        "-c",
+        metavar="PATH",
+        help="the input file, when the run's input was too big to be recorded with its request",
+    )
+    resume.add_argument("--model", "-m", help="use this model for every agent and LLM peer")
+    _nats_args(resume)
+    resume.add_argument("--no-rights", action="store_true", help="as for `council run`")
+    resume.add_argument(
+        "--no-human",
         action="store_true",
-        default=None,
-        help="print a line per agent turn, model call and code run (default when stderr is a terminal)",
+        help="open no terminal endpoint for the council's human (answer with `council human`)",
     )
-    shown.add_argument(
-        "--quiet", "-q", dest="progress", action="store_false", help="no progress lines"
-    )
+    resume.add_argument("--timeout", type=float, default=600.0, help="seconds for the request")
+    resume.add_argument("--json", action="store_true", help="print the result as JSON")
+    _progress_args(resume)
 
     serve = sub.add_parser(
         "serve",
@@ -393,6 +435,15 @@ async def _run(args: argparse.Namespace) -> int:
             timeout=args.timeout,
             notify=human,
         )
+    _print_result(args, result)
+    if record is not None:
+        print(f"recorded to {record} (show it: council trace {record})", file=sys.stderr)
+    if s.replayer is not None:
+        print(s.replayer.report(), file=sys.stderr)
+    return 0
+
+
+def _print_result(args: argparse.Namespace, result: Any) -> None:
     if args.json:
         print(result.model_dump_json())
     else:
@@ -405,8 +456,86 @@ async def _run(args: argparse.Namespace) -> int:
             f"{u.wall_time:.2f}s",
             file=sys.stderr,
         )
-    if record is not None:
-        print(f"recorded to {record} (show it: council trace {record})", file=sys.stderr)
+
+
+async def _resume(args: argparse.Namespace) -> int:
+    from channels.redact import MASK
+    from council.cassette import Cassette
+    from council.declare import Council
+    from council.session import Session, resumed_request
+
+    cassette = Cassette.load(args.cassette, lenient=True)
+    asked = resumed_request(cassette)
+    if asked is None:
+        raise CouncilError(
+            f"{args.cassette} holds no request to the council (the run was cut short "
+            "before it was asked); start it again with `council run`"
+        )
+    context = asked.context
+    if args.context:
+        context = _read_context(args.context)
+    elif isinstance(context, Ref):
+        saved = cassette.ref_blob(context.digest)
+        if saved is None:
+            raise CouncilError(
+                f"the run's input ({context!r}) was in the dead session's store and is not in "
+                f"the recording; give it again: council resume {args.cassette} --context PATH"
+            )
+        context = decode_value(context.kind, saved)
+    if args.target:
+        council = load_target(args.target)
+    elif cassette.header.council is None:
+        raise CouncilError(
+            f"{args.cassette} holds no council declaration; name it: council resume "
+            f"{args.cassette} FILE.py:council"
+        )
+    else:
+        text = json.dumps(cassette.header.council)
+        if MASK in text:
+            raise CouncilError(
+                f"the declaration in {args.cassette} held credentials, which are never "
+                f"recorded; name the council file: council resume {args.cassette} FILE.py:council"
+            )
+        council = Council.from_json(text)
+    if args.model:
+        council = council.with_model(args.model)
+    given = _load_rights(args.rights)
+    if given is not None and not args.nats:
+        raise CouncilError("--rights is for an external server: pass its URL with --nats")
+    from agents.human import TerminalHuman
+    from council.declare import Human
+
+    humans = [p.name for p in council.peers if isinstance(p, Human)]
+    # a question the recording does not hold is asked here, as `council run` would
+    endpoints = (
+        {humans[0]: TerminalHuman(humans[0], stdout=sys.stderr)}
+        if len(humans) == 1 and not args.no_human
+        else {}
+    )
+    async with Session(
+        council,
+        nats_url=args.nats,
+        rights=given if given is not None else not args.no_rights,
+        humans=endpoints,
+        local=(cassette.header.meta.get("local") or None),
+        credentials=(args.user, args.password) if args.user else None,
+        timeout=args.timeout,
+        resume=cassette.path,
+    ) as s:
+        print(f"resuming session {s.session} from {args.cassette}", file=sys.stderr)
+        if sys.stderr.isatty() if args.progress is None else args.progress:
+            from council.progress import watch
+
+            s.call_in(partial(watch, s.client))
+        result = await s.ask(
+            asked.prompt,
+            context=context,
+            args=asked.args or None,
+            timeout=args.timeout,
+            entry=asked.callee,
+        )
+    _print_result(args, result)
+    print(f"recorded to {args.cassette} (show it: council trace {args.cassette})", file=sys.stderr)
     if s.replayer is not None:
         print(s.replayer.report(), file=sys.stderr)
     return 0
@@ -482,6 +611,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _rights(args)
         if args.command == "run":
             return anyio.run(_run, args)
+        if args.command == "resume":
+            return anyio.run(_resume, args)
         if args.command == "serve":
             return anyio.run(_serve, args)
         if args.command == "human":

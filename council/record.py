@@ -2,9 +2,16 @@
 
 It listens, it never takes part: two wildcard subscriptions (the session's subjects and
 its peers' reply inboxes) whose callbacks only stamp and queue the raw bytes, so a
-session runs as fast recorded as not. A writer thread turns them into cassette lines;
-the end record (count + digest) and the fsync happen at `stop()`, so a cassette that
-lacks them is known to be cut short.
+session runs as fast recorded as not. A writer thread turns them into cassette lines and
+hands them to the OS whenever it has caught up with the bus (and fsyncs once a
+`SYNC_INTERVAL` while there is news), so a runner killed mid-run loses at most the
+messages still queued: the calls in flight. The end record (count + digest) is written at `stop()`, so a cassette
+that lacks it is known to be cut short; `Recorder(..., resume=cassette)` carries on
+writing such a cassette where it stopped (council/session.py's resume).
+
+Credentials never reach the file: the declaration in the header and every message are
+masked with channels/redact.py before they are written (and a replay masks the live
+requests the same way, so they still match).
 """
 
 from __future__ import annotations
@@ -25,11 +32,13 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from pydantic import BaseModel
 
-from channels import log, subjects
+from channels import log, redact, subjects
 from channels.messages import Failure, Ref, Reply
 from channels.natsio import settle, unsubscribe
 from council.cassette import (
     DEFAULT_INLINE_LIMIT,
+    Cassette,
+    Entry,
     Footer,
     Header,
     blob_name,
@@ -52,6 +61,9 @@ _ANSWER_KEYS = {
     "failure": set(Failure.model_fields),
 }
 DEFAULT_SAVE_REFS_LIMIT = 256 * 1024 * 1024
+SYNC_INTERVAL = 1.0  # seconds between fsyncs while recording (a machine that dies loses less)
+BATCH = 0.005  # seconds a busy writer holds lines before handing them to the OS
+Flush = Literal["batch", "line", "end"]
 
 
 class RefReader(Protocol):
@@ -133,25 +145,38 @@ class Recorder:
         store: RefReader | Literal["auto"] | None = "auto",
         save_refs_limit: int = DEFAULT_SAVE_REFS_LIMIT,
         blobs: str | None = None,
+        resume: Cassette | None = None,
+        flush: Flush = "batch",
     ):
+        """`resume`: a cassette (loaded leniently) this recorder carries on: its damaged tail
+        is cut off, a mark entry says a resumed run starts here, and new entries follow.
+        `flush`: when lines go to the OS; "batch" (whenever the writer has caught up with the
+        bus) loses at most the calls in flight to a killed runner; "line" and "end" are there
+        for benchmarks/replay.py to compare with."""
         self.nc = nc
         self.session = subjects.check_name(session, "session")
         self.path = Path(path)
+        self.resume = resume
+        self.flush = flush
         council_data, digest = council_json(council)
         if council is not None and (replay is None or models is None):
             derived_replay, derived_models = answered_by_models_or_humans(council)
             replay = derived_replay if replay is None else replay
             models = derived_models if models is None else models
-        self.header = Header(
-            session=session,
-            started=time.time(),
-            council=council_data,
-            council_digest=council_digest or digest,
-            models=models or {},
-            replay=replay or [],
-            meta=meta or {},
-            inline_limit=inline_limit,
-            blobs=blobs or blobs_dir_name(self.path),
+        self.header = (
+            resume.header
+            if resume is not None
+            else Header(
+                session=session,
+                started=time.time(),
+                council=redact.value(council_data),
+                council_digest=council_digest or digest,
+                models=models or {},
+                replay=replay or [],
+                meta=redact.value(meta or {}),
+                inline_limit=inline_limit,
+                blobs=blobs or blobs_dir_name(self.path),
+            )
         )
         self.store = store
         self.save_refs_limit = save_refs_limit
@@ -176,7 +201,11 @@ class Recorder:
 
     async def start(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._writer = _Writer(self.path, self.header, self._queue)
+        self._writer = _Writer(
+            self.path, self.header, self._queue, resume=self.resume, flush=self.flush
+        )
+        if self.resume is not None:
+            self._writer.mark(session=self.session, after=self.resume._tail[1])
         self._thread = threading.Thread(
             target=self._writer.run, name=f"council-recorder-{self.session}", daemon=True
         )
@@ -275,6 +304,7 @@ class Recorder:
                 missing.append(digest)
                 continue
             budget -= len(data)
+            data = _masked(ref.kind, data)
             self.blobs_dir.mkdir(parents=True, exist_ok=True)
             await anyio.to_thread.run_sync(target.write_bytes, data)
             saved.append(digest)
@@ -284,29 +314,84 @@ class Recorder:
 class _Writer:
     """Runs in a thread: raw bus messages in, cassette lines out."""
 
-    def __init__(self, path: Path, header: Header, q: queue.SimpleQueue):
+    def __init__(
+        self,
+        path: Path,
+        header: Header,
+        q: queue.SimpleQueue,
+        *,
+        resume: Cassette | None = None,
+        flush: Flush = "batch",
+    ):
         self.path = path
         self.header = header
         self.queue = q
+        self.flush = flush
         self.count = 0
         self.calls = 0
         self.dropped = 0
+        self.flushes = 0
         self.digest = hashlib.sha256()
         self.refs: dict[str, dict[str, Any]] = {}
-        self.file = open(path, "wb", buffering=1 << 20)
-        self.file.write(header.model_dump_json().encode() + b"\n")
+        self._synced = self._flushed = time.monotonic()
+        self._unsynced = False
+        if resume is None:
+            self.file = open(path, "wb", buffering=1 << 20)
+            self.file.write(header.model_dump_json().encode() + b"\n")
+        else:
+            # Carry on after the last whole entry: a line cut off mid-record and an old end
+            # record go, the digest goes on over the lines that stay.
+            offset, self.count, digest = resume._tail
+            self.digest = digest.copy()
+            self.file = open(path, "r+b", buffering=1 << 20)
+            self.file.truncate(offset)
+            self.file.seek(offset)
+        self._flush()
+
+    def mark(self, **info: Any) -> None:
+        """A mark entry: where a resumed run starts writing."""
+        entry = Entry(kind="mark", seq=self.count, t=time.time(), msg=info)
+        self._line(entry.model_dump_json(exclude_none=True).encode())
+        self._flush(sync=True)
+
+    def _line(self, line: bytes) -> None:
+        self.file.write(line + b"\n")
+        self.digest.update(line + b"\n")
+        self.count += 1
+
+    def _flush(self, sync: bool = False) -> None:
+        self.flushes += 1
+        self.file.flush()
+        now = self._flushed = time.monotonic()
+        self._unsynced = True
+        if sync or now - self._synced >= SYNC_INTERVAL:
+            os.fsync(self.file.fileno())
+            self._synced, self._unsynced = now, False
 
     @property
     def blobs_dir(self) -> Path:
         return self.path.parent / self.header.blobs
 
     def run(self) -> None:
-        while (item := self.queue.get()) is not None:
+        empty = self.queue.empty
+        while True:
+            try:
+                item = self.queue.get(timeout=SYNC_INTERVAL)
+            except queue.Empty:  # idle: make what was written survive the machine too
+                if self._unsynced:
+                    self._flush(sync=True)
+                continue
+            if item is None:
+                break
             try:
                 self._write(*item)
             except Exception as e:  # one bad message must not end the recording
                 self.dropped += 1
                 _log.warning("recorder.entry_failed", error=repr(e))
+            if self.flush == "line" or (
+                self.flush == "batch" and (empty() or time.monotonic() - self._flushed > BATCH)
+            ):
+                self._flush()
 
     def _write(self, subject: str, data: bytes, t: float) -> None:
         if subject.startswith("_INBOX."):
@@ -324,21 +409,28 @@ class _Writer:
             self.dropped += 1  # garbage on a council subject: the peer refused it too
             return
         mtype = obj.get("type") if isinstance(obj, dict) else None
-        if mtype not in _MESSAGE_TYPES[group]:
+        if group == "answer":
+            if mtype not in _MESSAGE_TYPES[group] or obj.keys() != _ANSWER_KEYS[mtype]:
+                # Inboxes also carry store chunks and liveness signals: keep real answers
+                # only (an encoded Reply/Failure always has exactly its fields).
+                self.dropped += 1
+                return
+        elif not isinstance(mtype, str):
             self.dropped += 1
             return
-        if group == "answer" and obj.keys() != _ANSWER_KEYS[mtype]:
-            # Inboxes also carry store chunks, which may be any JSON: keep real answers only
-            # (an encoded Reply/Failure always has exactly its fields; cheaper than decoding).
-            self.dropped += 1
-            return
+        # A type this version does not know, on a council subject, is kept: a reader shows it
+        # as unknown (a newer peer's message), never fails on it.
         kind = kind or mtype
         if kind == "call":
             self.calls += 1
         if b'"$ref"' in data:
             _collect_refs(obj, self.refs)
-        if b"\n" in data:  # only a hand-made sender pretty-prints; keep one record a line
-            data = json.dumps(obj, separators=(",", ":")).encode()
+        if redact.maybe_secret(data):
+            masked = redact.value(obj)
+            if masked is not obj:
+                obj, data = masked, b""
+        if not data or b"\n" in data:  # one record a line (a hand-made sender pretty-prints)
+            data = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
         head = b'{"kind":"%s","seq":%d,"t":%r,"subject":%s,' % (
             kind.encode(),
             self.count,
@@ -354,9 +446,7 @@ class _Writer:
             line = head + b'"blob":{"digest":"%s","size":%d}}' % (digest.encode(), len(data))
         else:
             line = head + b'"msg":' + data + b"}"
-        self.file.write(line + b"\n")
-        self.digest.update(line + b"\n")
-        self.count += 1
+        self._line(line)
 
     def finish(self, footer: Footer) -> int:
         self.file.write(footer.model_dump_json().encode() + b"\n")
@@ -365,6 +455,16 @@ class _Writer:
         size = self.file.tell()
         self.file.close()
         return size
+
+
+def _masked(kind: str, data: bytes) -> bytes:
+    """A saved value with credentials masked (text and JSON; bytes are kept as they are). The
+    file keeps the Ref's name: a replay serves the masked value under it."""
+    if kind == "bytes" or not redact.maybe_secret(data):
+        return data
+    if kind == "json":
+        return redact.json_bytes(data)
+    return redact.text(data.decode("utf-8", "replace")).encode()
 
 
 def _collect_refs(obj: Any, out: dict[str, dict[str, Any]]) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 import anyio
 from anyio.abc import TaskStatus
 
-from channels import log
+from channels import log, redact
 from channels.bus import Bus
 from channels.errors import BadRequest, CallTimeout, error_for
 from channels.messages import Call, Failure, Ref, Reply, Value
@@ -56,14 +56,30 @@ class UnusedRecordings(CassetteError):
 
 
 def request_of(call: Call) -> dict[str, Any]:
-    """The parts of a call that say what is asked; Refs by content, not by session scope."""
+    """The parts of a call that say what is asked; Refs by content, not by session scope.
+
+    Masked as the recorder masks what it writes (channels/redact.py), so a live request
+    that carries a credential matches its masked recording."""
     data = call.model_dump(mode="json", by_alias=True, include={"prompt", "context", "args"})
-    return {
-        "callee": call.callee,
-        "prompt": data["prompt"],
-        "context": _strip_refs(data["context"]),
-        "args": _strip_refs(data["args"]),
-    }
+    return redact.value(
+        {
+            "callee": call.callee,
+            "prompt": data["prompt"],
+            "context": _strip_refs(data["context"]),
+            "args": _strip_refs(data["args"]),
+        }
+    )
+
+
+# Recorded failures a resume hands out again: the same request fails the same way. The others
+# (timeouts, a peer that was down or erred, a cancelled call) are asked again, live.
+_SETTLED_FAILURES = {"bad_request", "budget_exhausted", "depth_exceeded", "permission_denied"}
+
+
+def settled(it: Interaction) -> bool:
+    """Whether a recorded call ended in a way a resumed run should take as given."""
+    a = it.answer
+    return isinstance(a, Reply) or (isinstance(a, Failure) and a.kind in _SETTLED_FAILURES)
 
 
 def request_digest(request: dict[str, Any]) -> str:
@@ -90,6 +106,18 @@ def render(request: dict[str, Any]) -> list[str]:
 
     walk("", request)
     return lines
+
+
+def _refs_in(v: Any, out: dict[str, dict[str, Any]]) -> None:
+    if isinstance(v, dict):
+        if isinstance(v.get("$ref"), str):
+            out.setdefault(v["$ref"], v)
+            return
+        for x in v.values():
+            _refs_in(x, out)
+    elif isinstance(v, list):
+        for x in v:
+            _refs_in(x, out)
 
 
 def _strip_refs(v: Any) -> Any:
@@ -136,12 +164,22 @@ class Replayer:
         strict: bool = False,
         forward: Forward | None = None,
         normalize: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+        resume: bool = False,
     ):
         """`normalize` rewrites a request (as `request_of` gives it) before matching, on both
         sides: for code whose requests carry what legitimately differs between runs (object
-        addresses, timings in REPL output)."""
+        addresses, timings in REPL output).
+
+        A cassette that was resumed holds several runs (council/session.py): a replay plays
+        the last one, the run that went on to the end. `resume` is for carrying on a run
+        that was cut short (possibly more than once): every run recorded counts, only calls
+        that were answered (or failed for good, see `settled`) are handed out, and anything
+        else goes to `forward`."""
         self.normalize = normalize or (lambda request: request)
-        self.cassette = cassette if isinstance(cassette, Cassette) else Cassette.load(cassette)
+        if isinstance(cassette, Cassette):
+            self.cassette = cassette
+        else:
+            self.cassette = Cassette.load(cassette, lenient=resume)
         names = list(peers) if peers is not None else self.cassette.default_replay_peers()
         if not names:
             raise CassetteError(
@@ -157,13 +195,36 @@ class Replayer:
         self._recorded: list[_Recorded] = []
         self._index: dict[str, deque[_Recorded]] = {}
         wanted = set(names)
-        for it in self.cassette.interactions():
-            if it.call.callee not in wanted:
-                continue
-            req = self.normalize(request_of(it.call))
-            rec = _Recorded(it, req, request_digest(req))
-            self._recorded.append(rec)
-            self._index.setdefault(rec.digest, deque()).append(rec)
+        starts = self.cassette.segments
+        bounds = list(zip(starts, [*starts[1:], None], strict=True))
+        for since, until in bounds if resume else bounds[-1:]:
+            run = self.cassette.interactions(since, until)
+            # A resumed run replays what the runs before it were answered, then goes on; so
+            # per request the run with the most answers holds them all, in order.
+            index: dict[str, deque[_Recorded]] = {}
+            for it in run:
+                if it.call.callee not in wanted:
+                    continue
+                if resume and not (settled(it) and self._refs_saved(it)):
+                    continue
+                req = self.normalize(request_of(it.call))
+                rec = _Recorded(it, req, request_digest(req))
+                index.setdefault(rec.digest, deque()).append(rec)
+            for digest, queue in index.items():
+                if len(queue) > len(self._index.get(digest, ())):
+                    self._index[digest] = queue
+        self._recorded = sorted(
+            (r for q in self._index.values() for r in q), key=lambda r: r.interaction.seq
+        )
+
+    def _refs_saved(self, it: Interaction) -> bool:
+        """Whether every Ref in the recorded answer can be served (a run cut short never
+        saved the contents of its Refs: those calls are asked again)."""
+        refs: dict[str, dict[str, Any]] = {}
+        answer = it.answer
+        if answer is not None:
+            _refs_in(answer.model_dump(mode="json", by_alias=True), refs)
+        return all(self.cassette.ref_blob(digest) is not None for digest in refs)
 
     def peers(self) -> list[ReplayPeer]:
         return [ReplayPeer(self, name) for name in self.names]

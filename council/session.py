@@ -19,6 +19,11 @@ every connection, deletes the session's data and stops the embedded server.
 
     async with Session(council, record="sessions/review.jsonl") as s: ...
     async with Session(council, replay="sessions/review.jsonl", strict=True) as s: ...
+
+`resume=CASSETTE` carries on a run that was cut short (the runner killed, the machine
+gone): asked the same again (`s.resumed` is the request the run was asked), every model
+and human answer the cassette holds is handed out from it, the rest is asked live, and
+the session records on into the same cassette.
 """
 
 from __future__ import annotations
@@ -230,6 +235,7 @@ class Session:
         store_replicas: int | None = None,
         heartbeat: float = HEARTBEAT,
         telemetry: Any = None,
+        resume: str | Path | None = None,
     ) -> None:
         """`record`: the cassette to write (its blobs go beside it). `replay`: a cassette (or
         a Replayer, to choose the peers or how requests match) whose recorded answers stand in
@@ -243,7 +249,14 @@ class Session:
         of life on a call from this session's connections; a call silent for two of them is
         re-sent, then failed `unavailable`.
         `telemetry`: export OpenTelemetry spans (True, an OTLP/HTTP URL or a SpanExporter;
-        by default when OTEL_EXPORTER_OTLP_ENDPOINT is set): council/telemetry.py."""
+        by default when OTEL_EXPORTER_OTLP_ENDPOINT is set): council/telemetry.py.
+        `resume`: a cassette of a run cut short to carry on (see the module docstring); it
+        is the recording too, and the session id is the recorded one unless given."""
+        self.resumed: Call | None = None
+        if resume is not None:
+            cassette, self.resumed = _resuming(resume, replay, record)
+            session = session or cassette.header.session
+            record = cassette.path
         self.council = council.check()
         self.nats_url = nats_url
         # True: generate users for the embedded server. A Rights: the users an external
@@ -279,9 +292,14 @@ class Session:
         self.replay_live = replay_live
         self.telemetry = telemetry
         self.replayer = self._replayer(replay) if replay is not None else None
+        if resume is not None:
+            self.replay_live, self.strict = True, False
+            names = replayed_names(self.council, self.local)
+            self.replayer = Replayer(cassette, names, resume=True)
+            self.record_options["resume"] = cassette
         self.replayed: set[str] = set(self.replayer.names) if self.replayer else set()
         for name in list(self.humans):
-            if name in self.replayed and not replay_live:  # the cassette answers for them
+            if name in self.replayed and not self.replay_live:  # the cassette answers for them
                 del self.humans[name]
         self.rights: permissions.Rights | None = given
         self.url: str | None = nats_url
@@ -435,6 +453,12 @@ class Session:
                     peer.attach(bus)  # what its run() does before serving
                     handlers[peer.name] = peer.ask
                 else:
+                    # What its run() does before serving: import the model's library off the
+                    # event loop now, not in the first forwarded call (seconds of a loop that
+                    # must keep answering and heartbeating the calls it holds).
+                    prepare = getattr(getattr(peer, "model", None), "prepare", None)
+                    if prepare is not None:
+                        await prepare()
                     handlers[peer.name] = partial(peer.handle, bus)  # type: ignore[attr-defined]
 
         async def forward(call: Call) -> Reply:
@@ -477,6 +501,9 @@ class Session:
         if replayer is None:
             return
         faithful = not replayer.mismatches and not replayer.unused()
+        if self.resumed is not None:
+            _log.info("session.resumed", report=replayer.report())
+            return
         (_log.info if faithful else _log.warning)("session.replayed", report=replayer.report())
         if not self.strict or (error is not None and not isinstance(error, CouncilError)):
             return
@@ -572,6 +599,30 @@ class Session:
         """Like `call_in`, returning once `fn` calls `task_status.started()`."""
         assert self._tg is not None, "enter the session first"
         return await self._tg.start(fn)
+
+
+def _resuming(
+    path: str | Path, replay: object, record: str | Path | None
+) -> tuple[Cassette, Call | None]:
+    """The cassette a resume carries on, and the request its run was asked."""
+    if replay is not None:
+        raise CouncilError("resume= carries on a recording; it cannot be combined with replay=")
+    cassette = Cassette.load(path, lenient=True)
+    if record is not None and Path(record).resolve() != cassette.path.resolve():
+        raise CouncilError(f"a resumed run records on into {cassette.path}; drop record={record}")
+    return cassette, resumed_request(cassette)
+
+
+def resumed_request(cassette: Cassette) -> Call | None:
+    """The request the recorded run was asked (its first call from the runner), if any."""
+    return next(
+        (
+            it.call
+            for it in cassette.interactions()
+            if it.call.caller == RUNNER and it.call.parent is None
+        ),
+        None,
+    )
 
 
 async def _unwind(stack: AsyncExitStack, *exc: Any) -> bool | None:

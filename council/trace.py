@@ -4,6 +4,11 @@ The tree comes from the calls alone (each Call names its parent call), so it is 
 whether the session ran in one process or many. The terminal view folds long fan-outs;
 `--html` writes one self-contained page (no network assets) with a collapsible tree, a
 details pane and a timeline.
+
+A damaged cassette is traced too: every line that cannot be used (not JSON, a cut-off last
+line, a message type this version does not know, an edited entry) is listed as such, and
+everything else is shown. Whatever is shown is masked for credentials (channels/redact.py)
+again, for cassettes recorded before masking existed.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from channels import redact
 from channels.messages import Call, Failure, Ref, Reply, Usage
 from council.cassette import Cassette, CassetteError
 
@@ -182,6 +188,14 @@ def render_text(trace: Trace, *, max_children: int = 10, max_depth: int | None =
     ]
     if not trace.cassette.complete:
         out.append(f"(incomplete recording: {trace.cassette.problem})")
+    for mark in resumes(trace.cassette):
+        out.append(f"(resumed: {mark})")
+    damaged = trace.cassette.unusable()
+    if damaged:
+        out.append(f"({len(damaged)} unusable record(s), left out of the tree:)")
+        out.extend(f"  !! {d}" for d in damaged[:50])
+        if len(damaged) > 50:
+            out.append(f"  !! ... and {len(damaged) - 50} more")
 
     def emit(n: Node, prefix: str, last: bool, depth: int) -> None:
         out.append(prefix + ("└─ " if last else "├─ ") + _line(n))
@@ -206,7 +220,20 @@ def render_text(trace: Trace, *, max_children: int = 10, max_depth: int | None =
 
     for i, r in enumerate(trace.roots):
         emit(r, "", i == len(trace.roots) - 1, 0)
-    return "\n".join(out)
+    return redact.text("\n".join(out))
+
+
+def resumes(cassette: Cassette) -> list[str]:
+    """Where resumed runs took over, in words."""
+    out = []
+    for e in cassette.entries:
+        if e.kind == "mark":
+            info = e.msg or {}
+            when = time.strftime("%H:%M:%S", time.gmtime(e.t))
+            out.append(
+                f"at {when} UTC, entry {e.seq}, after {info.get('after', '?')} recorded entries"
+            )
+    return out
 
 
 # -- html ---------------------------------------------------------------------------------
@@ -273,6 +300,9 @@ def page_data(trace: Trace) -> dict[str, Any]:
         "council_digest": h.council_digest,
         "models": h.models,
         "complete": trace.cassette.complete,
+        "problem": trace.cassette.problem,
+        "damaged": [str(d) for d in trace.cassette.unusable()],
+        "resumed": resumes(trace.cassette),
         "totals": trace.totals(),
         "span": max(trace.end - t0, 1e-9),
         "nodes": flat,
@@ -280,7 +310,7 @@ def page_data(trace: Trace) -> dict[str, Any]:
 
 
 def render_html(trace: Trace) -> str:
-    data = json.dumps(page_data(trace), ensure_ascii=False).replace("</", "<\\/")
+    data = json.dumps(redact.value(page_data(trace)), ensure_ascii=False).replace("</", "<\\/")
     title = html.escape(f"council trace {trace.cassette.header.session}")
     return _PAGE.replace("__TITLE__", title).replace("__DATA__", data)
 
@@ -323,7 +353,7 @@ main{display:grid;grid-template-columns:minmax(380px,1.2fr) 1fr;height:calc(100v
 #timeline .lab{position:absolute;left:4px;font-size:10px;color:var(--mut);pointer-events:none;white-space:nowrap}
 </style></head>
 <body>
-<header><h1 id="title"></h1><div class="sum" id="sum"></div></header>
+<header><h1 id="title"></h1><div class="sum" id="sum"></div><ul id="damaged"></ul></header>
 <main><div id="tree" role="tree"></div><div id="detail"><p class="sum">Click a call to see it.</p></div></main>
 <div id="timeline" aria-label="timeline"></div>
 <script type="application/json" id="data">__DATA__</script>
@@ -340,6 +370,10 @@ function pv(s,k){s=(s||"").replace(/\\s+/g," ");return s.length>k?s.slice(0,k-1)
 var T=D.totals;
 document.getElementById("title").textContent="session "+D.session+(D.complete?"":" (incomplete recording)");
 document.getElementById("sum").textContent=T.calls+" calls \\u00b7 "+T.failures+" failed \\u00b7 "+T.tokens+" tokens \\u00b7 "+money(T.cost)+" \\u00b7 "+T.model_calls+" model calls \\u00b7 "+T.seconds.toFixed(3)+" s \\u00b7 recorded "+new Date(D.started*1000).toISOString()+" \\u00b7 rlm-council "+D.framework;
+var dm=document.getElementById("damaged");
+if(!D.complete&&D.problem)dm.appendChild(el("li","st-bad","incomplete recording: "+D.problem));
+(D.resumed||[]).forEach(function(r){dm.appendChild(el("li","sum","resumed "+r));});
+(D.damaged||[]).forEach(function(d){dm.appendChild(el("li","st-bad","unusable record, left out: "+d));});
 var selected=-1;
 function select(i){
   if(selected>=0){rows[selected].classList.remove("sel"); if(bars[selected])bars[selected].classList.remove("sel");}
@@ -423,7 +457,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        cassette = Cassette.load(args.cassette, allow_incomplete=True)
+        cassette = Cassette.load(args.cassette, lenient=True)
         trace = build(cassette)
     except CassetteError as e:
         print(f"council trace: {e}", file=sys.stderr)

@@ -94,20 +94,84 @@ async def test_failures_and_timeouts_show_in_the_tree(failing_cassette, capsys):
     assert root.children[0].value == "a half plan" and root.children[0].usage.input_tokens == 7
 
 
-async def test_trace_refuses_a_broken_cassette_and_reads_a_cut_one(council_cassette_path, tmp_path):
+async def test_trace_reads_a_cut_cassette(council_cassette_path, tmp_path):
     lines = council_cassette_path.read_bytes().split(b"\n")
     cut = tmp_path / "cut.jsonl"
     cut.write_bytes(b"\n".join(lines[:40]) + b"\n")  # a crashed session: still traceable
     done = await anyio.run_process([sys.executable, "-m", "council.trace", str(cut)], check=False)
     assert done.returncode == 0, done.stderr.decode()
     assert "incomplete recording: it has no end record" in done.stdout.decode()
+    # not a cassette at all: refused, saying what to do
     bad = tmp_path / "bad.jsonl"
-    bad.write_bytes(b"\n".join([lines[0], b"{not json", *lines[2:]]))
+    bad.write_bytes(b"hello\n" + b"\n".join(lines[1:]))
     done = await anyio.run_process([sys.executable, "-m", "council.trace", str(bad)], check=False)
     assert done.returncode == 1
-    assert (
-        "line 2 is not JSON" in done.stderr.decode() and "--council-record" in done.stderr.decode()
+    assert "not a council cassette" in done.stderr.decode()
+
+
+async def _trace(path, tmp_path):
+    page = tmp_path / (path.stem + ".html")
+    done = await anyio.run_process(
+        [sys.executable, "-m", "council.trace", "--all", str(path), "--html", str(page)],
+        check=False,
     )
+    assert done.returncode == 0, done.stderr.decode()
+    data = re.search(
+        r'<script type="application/json" id="data">(.*?)</script>', page.read_text(), re.S
+    )
+    assert data is not None
+    return done.stdout.decode(), json.loads(data.group(1).replace("<\\/", "</"))
+
+
+def _tree_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if "<-" in line]
+
+
+async def test_a_garbage_line_is_shown_as_such_and_the_rest_of_the_trace_too(
+    council_cassette_path, tmp_path
+):
+    whole, _ = await _trace(council_cassette_path, tmp_path)
+    lines = council_cassette_path.read_bytes().split(b"\n")
+    n = next(i for i, line in enumerate(lines) if b'"kind":"event"' in line)  # not a call
+    bad = tmp_path / "garbage.jsonl"
+    bad.write_bytes(b"\n".join([*lines[:n], b"\x00{garbage", *lines[n:]]))
+    text, page = await _trace(bad, tmp_path)
+    assert f"line {n + 1}: not JSON" in text
+    assert _tree_lines(text) == _tree_lines(whole)  # every call still shown
+    assert any(f"line {n + 1}: not JSON" in d for d in page["damaged"])
+    assert page["totals"]["calls"] == len(_tree_lines(whole)) or page["nodes"]
+
+
+async def test_an_unknown_message_type_is_shown_as_such(council_cassette_path, tmp_path):
+    whole, _ = await _trace(council_cassette_path, tmp_path)
+    lines = council_cassette_path.read_bytes().split(b"\n")
+    obj = json.loads(lines[3])
+    # what a newer peer might send: a type this version has never heard of
+    odd = {**obj, "kind": "event", "msg": {"type": "telepathy", "v": 1, "call": "x"}}
+    odd2 = {**obj, "kind": "teleport", "msg": {"type": "call"}}
+    bad = tmp_path / "unknown.jsonl"
+    bad.write_bytes(
+        b"\n".join([*lines[:3], json.dumps(odd).encode(), json.dumps(odd2).encode(), *lines[3:]])
+    )
+    text, page = await _trace(bad, tmp_path)
+    assert "unknown message type 'telepathy'" in text
+    assert "line 5: a record of unknown kind 'teleport'" in text
+    assert _tree_lines(text) == _tree_lines(whole)
+    assert sum("unknown" in d for d in page["damaged"]) == 2
+    # replay refuses the damaged file but never crashes on the unknown message itself
+    with pytest.raises(Exception, match=r"line 5 is not a valid entry record"):
+        Cassette.load(bad)
+
+
+async def test_a_cut_off_last_line_is_shown_as_such(council_cassette_path, tmp_path):
+    lines = council_cassette_path.read_bytes().split(b"\n")
+    cut = tmp_path / "half.jsonl"
+    cut.write_bytes(b"\n".join(lines[:30]) + b"\n" + lines[30][: len(lines[30]) // 2])
+    text, page = await _trace(cut, tmp_path)
+    assert "incomplete recording: its last line (31) is cut off mid-record" in text
+    assert "line 31: cut off mid-record" in text
+    assert page["complete"] is False and any("cut off" in d for d in page["damaged"])
+    assert _tree_lines(text)  # what came before is shown
 
 
 async def test_html_page_is_self_contained(council_cassette_path, tmp_path, capsys):

@@ -180,3 +180,32 @@ async def test_trace_page_renders_and_a_node_expands_on_click(
     assert "critic-b → llm" in detail and "is part" in detail
     selected = browser.find("#tree .row.sel")
     assert browser.displayed(selected)
+
+
+async def test_a_damaged_cassette_page_lists_what_it_could_not_read_and_shows_the_rest(
+    nats_server, session_id, tmp_path, browser
+):
+    path = tmp_path / "council.jsonl"
+    await record_council(nats_server.url, session_id, path)
+    lines = path.read_bytes().split(b"\n")
+    odd = json.loads(lines[3]) | {"kind": "event", "msg": {"type": "telepathy", "v": 1}}
+    damaged = tmp_path / "damaged.jsonl"
+    damaged.write_bytes(  # garbage, an unknown type, and a last line cut off mid-record
+        b"\n".join([*lines[:3], b"\x00garbage", json.dumps(odd).encode(), *lines[3:-3]])
+        + b"\n"
+        + lines[-3][:25]
+    )
+    page = tmp_path / "damaged.html"
+    page.write_text(trace.render_html(trace.build(Cassette.load(damaged, lenient=True))))
+    browser.cmd("POST", "/url", {"url": page.as_uri()})
+    shown = browser.js(
+        "return [document.querySelector('#title').textContent,"
+        " Array.from(document.querySelectorAll('#damaged li')).map(function(l){"
+        "return l.textContent;}), document.querySelectorAll('#tree .row').length]"
+    )
+    title, notes, rows = shown
+    assert title.endswith("(incomplete recording)")
+    assert any("line 4: not JSON" in n for n in notes)
+    assert any("unknown message type 'telepathy'" in n for n in notes)
+    assert any("cut off mid-record" in n for n in notes)
+    assert rows >= 2 * PARTS  # the calls that were read are all there
