@@ -127,12 +127,18 @@ class LLMPeer:
         prepare = getattr(self.model, "prepare", None)
         if prepare is not None:  # e.g. import litellm off the event loop, before serving
             await prepare()
-        await bus.serve(
-            self.name,
-            partial(self.handle, bus),
-            concurrency=self.serve_concurrency,
-            task_status=task_status,
-        )
+        try:
+            await bus.serve(
+                self.name,
+                partial(self.handle, bus),
+                concurrency=self.serve_concurrency,
+                task_status=task_status,
+            )
+        finally:
+            aclose = getattr(self.model, "aclose", None)
+            if aclose is not None:  # e.g. the lean path's HTTP session
+                with anyio.CancelScope(shield=True):
+                    await aclose()
 
     # -- one call ----------------------------------------------------------------------------
 
