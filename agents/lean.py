@@ -109,7 +109,8 @@ class LeanRoute:
     supported: frozenset[str]
     prices: tuple[float, float] | None  # per input / output token, when the price is linear
     priced: bool  # litellm knows a price for this model (linear or not)
-    trust_env: bool
+    proxy: str | None  # from the environment once (aiohttp would ask per request, in a thread)
+    proxy_auth: Any
     default_params: dict[str, Any]  # model parameters given with the model, sent with every call
     _sessions: weakref.WeakKeyDictionary[Any, Any] = field(
         default_factory=weakref.WeakKeyDictionary
@@ -205,7 +206,11 @@ class LeanRoute:
         session = self._session()
         try:
             async with session.post(
-                request.url, data=request.body(), headers=request.headers
+                request.url,
+                data=request.body(),
+                headers=request.headers,
+                proxy=self.proxy,
+                proxy_auth=self.proxy_auth,
             ) as http:
                 status = http.status
                 headers = {k.lower(): v for k, v in http.headers.items()}
@@ -233,9 +238,7 @@ class LeanRoute:
         import httpx
 
         lib = self.lib
-        raw = httpx.Response(
-            status, headers=headers, content=body, request=httpx.Request("POST", request.url)
-        )
+        raw = httpx.Response(status, headers=headers, content=body)
         out = self.config.transform_response(
             model=self.name,
             raw_response=raw,
@@ -312,7 +315,7 @@ class LeanRoute:
             session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=0, ssl=_ssl(self.lib)),
                 timeout=aiohttp.ClientTimeout(total=self.timeout),
-                trust_env=self.trust_env,
+                trust_env=False,  # the proxy is resolved once, see `_proxy`
                 skip_auto_headers=("User-Agent",),
             )
             self._sessions[loop] = session
@@ -411,11 +414,27 @@ def resolve(lib: ModuleType, model: str, options: dict[str, Any]) -> LeanRoute |
         prices=prices,
         priced=priced,
         default_params={k: v for k, v in options.items() if k in MODEL_PARAMS},
-        trust_env=not (
-            getattr(lib, "disable_aiohttp_trust_env", False)
-            or _env_true("DISABLE_AIOHTTP_TRUST_ENV")
-        ),
+        **_proxy(lib, base),
     )
+
+
+def _proxy(lib: ModuleType, base: str) -> dict[str, Any]:
+    """The proxy litellm's aiohttp transport would take from the environment for this base.
+
+    litellm trusts the environment (HTTP(S)_PROXY, NO_PROXY) unless told not to; aiohttp
+    would look it up in a worker thread on every request, so it is looked up here once.
+    """
+    none = {"proxy": None, "proxy_auth": None}
+    if getattr(lib, "disable_aiohttp_trust_env", False) or _env_true("DISABLE_AIOHTTP_TRUST_ENV"):
+        return none
+    from aiohttp.helpers import get_env_proxy_for_url
+    from yarl import URL
+
+    try:
+        proxy, auth = get_env_proxy_for_url(URL(base))
+    except LookupError:  # no proxy for this host (none set, or NO_PROXY names it)
+        return none
+    return {"proxy": str(proxy), "proxy_auth": auth}
 
 
 def _api_base(lib: ModuleType, provider: str, given: str | None) -> str | None:

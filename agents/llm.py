@@ -28,6 +28,7 @@ from agents.models import (
     as_model,
     classify,
     estimate_tokens,
+    freeze_heap,
     message_tokens,
     retry_after,
 )
@@ -127,6 +128,7 @@ class LLMPeer:
         prepare = getattr(self.model, "prepare", None)
         if prepare is not None:  # e.g. import litellm off the event loop, before serving
             await prepare()
+        freeze_heap()  # what is loaded by now lives as long as the process: no GC stalls
         try:
             await bus.serve(
                 self.name,

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections import deque
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -475,3 +476,92 @@ async def test_one_session_per_model_reused_and_closed_when_the_peer_stops(
     assert sessions[0].closed  # the peer closed it when it stopped
     assert not model._route._sessions
     gc.collect()
+
+
+# -- proxies, as litellm takes them from the environment -------------------------------------
+
+
+async def test_a_proxy_from_the_environment_is_used_on_both_paths(scripted, monkeypatch):
+    """HTTP_PROXY is honoured (and looked up once, not per request in a thread)."""
+    monkeypatch.setenv("HTTP_PROXY", scripted.url)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    upstream = "http://upstream.invalid:8080/v1"
+    lean, full = both("hosted_vllm/m", upstream)
+    try:
+        assert lean._route.proxy == scripted.url
+        a, b = await lean.complete(ASK), await full.complete(ASK)
+    finally:
+        await lean.aclose()
+    assert a == b and a.text == "echo: hello there"
+    # A proxy is sent the absolute URL: both requests went through it to the upstream.
+    assert [path for path, _, _ in scripted.requests] == [f"{upstream}/chat/completions"] * 2
+
+
+# -- no full garbage collection inside a fan-out ----------------------------------------------
+
+
+def _served(url: str) -> dict[str, Any]:
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return json.loads(r.read())
+
+
+@pytest.fixture
+def openai_stub() -> Iterator[str]:
+    """benchmarks/openai_stub.py: an asyncio OpenAI-compatible server that counts what it served."""
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "benchmarks" / "openai_stub.py")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = proc.stdout.readline() if proc.stdout else ""
+        assert line.startswith("READY "), line
+        yield f"http://127.0.0.1:{int(line.split()[1])}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+async def test_no_full_collection_inside_a_5000_call_fan_out(nats_server, session_id, openai_stub):
+    """5,000 calls through the bus to a litellm model on the lean path, 64 in flight.
+
+    The LLM peer collects and freezes the heap once litellm is loaded (`freeze_heap`);
+    without that, litellm's ~370k tracked objects made full collections of about 250 ms
+    land inside fan-outs like this one.
+    """
+    n = 5000
+    model = LiteLLMModel(
+        "openai/sub",
+        api_base=f"{openai_stub}/floor/{n}/gc-{session_id}/v1",
+        api_key="stub",
+        input_cost_per_token=1e-7,
+        output_cost_per_token=4e-7,
+    )
+    full: list[float] = []  # the duration of each full collection seen, in ms
+
+    def watch(phase: str, info: dict[str, Any]) -> None:
+        if info["generation"] != 2:
+            return
+        if phase == "start":
+            full.append(-time.perf_counter())
+        else:
+            full[-1] = round((full[-1] + time.perf_counter()) * 1000, 1)
+
+    peer = LLMPeer("llm", model, concurrency=16, serve_concurrency=64)
+    async with serving(nats_server.url, session_id, peer) as client:
+        assert model.path == "lean"
+        sem = asyncio.Semaphore(64)
+
+        async def one(i: int) -> str:
+            async with sem:
+                return (await client.call("llm", f"SUB {i}", timeout=120)).value
+
+        gc.callbacks.append(watch)
+        try:
+            answers = await asyncio.gather(*(one(i) for i in range(n)))
+        finally:
+            gc.callbacks.remove(watch)
+    assert answers == ["ok done"] * n
+    assert (await asyncio.to_thread(_served, f"{openai_stub}/stats/gc-{session_id}"))["sub"] == n
+    assert full == [], f"full collections inside the fan-out, ms each: {full}"
