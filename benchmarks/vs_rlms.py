@@ -383,6 +383,60 @@ def council_once(
     }
 
 
+def depth_once(stub: str, run: str, depth: int, context: str) -> dict:
+    """The same 512 leaf calls reached through `depth` levels of agents (see openai_stub).
+
+    Agent `root` may spawn child agents like itself (`rlm`); at depth 1 it fans out to `llm`
+    itself, at depth 2 it hands 2 halves to 2 children that fan out 256 each, at depth 3 the
+    children hand 2 halves each to 4 grandchildren that fan out 128 each (7 agents). Every
+    agent of the tree takes a REPL worker: this measures what a child agent's request costs.
+    """
+    import anyio
+
+    sys.path.insert(0, str(HERE))
+    from openai_stub import FAN, LEAVES
+
+    _our_packages()
+    from agents.limits import Limits
+    from agents.models import LiteLLMModel
+    from council.declare import LLM, Agent, Council
+    from council.session import Session
+
+    base = f"{stub}/depth/{depth}/{run}/v1"
+    models = {
+        name: LiteLLMModel(name, api_base=base, api_key="stub", **PRICES)
+        for name in ("openai/root", "openai/sub")
+    }
+    council = Council(
+        entry="root",
+        peers=[
+            Agent(
+                "root",
+                model="openai/root",
+                calls=["llm"],
+                can_spawn=depth > 1,
+                limits=Limits(iterations=3, depth=depth),
+            ),
+            LLM("llm", model="openai/sub", concurrency=CONCURRENCY, description="a sub-model"),
+        ],
+    )
+
+    async def go() -> dict:
+        async with Session(council, models=models) as session:
+            await warm_workers_up(session)
+            t = time.perf_counter()
+            result = await session.ask(PROMPT, context=context, timeout=600)
+            wall = time.perf_counter() - t
+        return {"wall": wall, "answer": str(result.value)}
+
+    out = anyio.run(go)
+    if not out["answer"].startswith(f"{LEAVES} answers"):
+        raise RuntimeError(f"council at depth {depth} answered {out['answer'][:200]!r}")
+    agents = sum(FAN**level for level in range(depth))
+    check_run(stub, run, LEAVES, roots=agents)
+    return {"wall": out["wall"], "agents": agents}
+
+
 async def warm_workers_up(session, limit: float = 20.0) -> None:
     """Wait (at most `limit` s) until every agent of the session has its spare REPL worker:
     session start returns once every peer serves; an agent boots its spare just after."""
@@ -415,6 +469,8 @@ def side_once(side: str, stub: str, run: str, n: int, context: str) -> dict:
         return litellm_once(stub, run, n, context, side.split(":", 1)[1])
     if side == "rlms":
         return rlms_once(stub, run, n, context)
+    if side.startswith("council:depth"):
+        return depth_once(stub, run, int(side.removeprefix("council:depth")), context)
     if side in COUNCIL_SIDES:
         return council_once(
             stub,
@@ -576,6 +632,9 @@ def main() -> None:
     )
     ap.add_argument("--memory-n", type=int, default=500)
     ap.add_argument(
+        "--depths", default="1,2,3", help="agent-tree depths for the 512-leaf rows; empty skips"
+    )
+    ap.add_argument(
         "--sides",
         default="raw-aiohttp,floor,floor:rlms-venv,litellm:priced,litellm:ours_full,litellm:ours,"
         "rlms,council,council:cold,council:litellm,council:function",
@@ -607,6 +666,7 @@ def main() -> None:
     cpus: dict[str, dict[int, list[float]]] = {}
     lib_versions: dict[str, dict] = {}
     errors: dict[str, str] = {}
+    depth_walls: dict[int, list[float]] = {}
     try:
         for r in range(a.rounds):
             order = sides[r % len(sides) :] + sides[: r % len(sides)]
@@ -630,6 +690,20 @@ def main() -> None:
                     + "  ".join(f"N={n}: {res[str(n)]['wall']:.3f}s" for n in ns),
                     flush=True,
                 )
+        depths = [int(d) for d in a.depths.split(",") if d.strip()]
+        for r in range(a.rounds if depths else 0):
+            for d in depths[r % len(depths) :] + depths[: r % len(depths)]:
+                side = f"council:depth{d}"
+                if side in errors:
+                    continue
+                try:
+                    res, _, _ = run_worker(side, stub.url, [512], a.chars, warmup=True)
+                except RuntimeError as e:
+                    errors[side] = str(e).strip().splitlines()[-1][:300]
+                    print(f"  {side}: FAILED: {errors[side]}", flush=True)
+                    continue
+                depth_walls.setdefault(d, []).append(res["512"]["wall"])
+                print(f"round {r + 1}/{a.rounds} {side:20s} 512 leaves: {res['512']['wall']:.3f}s")
         memory = {}
         if a.memory_tokens:
             chars = a.memory_tokens * TOKEN_CHARS
@@ -658,10 +732,12 @@ def main() -> None:
         stub.close()
 
     load = {"before": load_before, "after": os.getloadavg()}
-    print(report(ns, sides, walls, cpus, extra, memory, errors, lib_versions, load, a))
+    print(report(ns, sides, walls, cpus, extra, memory, errors, lib_versions, load, a, depth_walls))
 
 
-def report(ns, sides, walls, cpus, extra, memory, errors, versions_seen, load, a) -> str:
+def report(
+    ns, sides, walls, cpus, extra, memory, errors, versions_seen, load, a, depth_walls
+) -> str:
     med = {s: {n: statistics.median(walls[s][n]) for n in ns if walls[s][n]} for s in sides}
     # The floor at each N: the faster of the floors measured (the stricter baseline).
     floor = {}
@@ -742,6 +818,10 @@ def report(ns, sides, walls, cpus, extra, memory, errors, versions_seen, load, a
                     f"{s} N={n}: tokens reported {e['tokens_reported']:,}, "
                     f"served by the model {e['tokens_served']:,}"
                 )
+    depth_med = {d: statistics.median(w) for d, w in sorted(depth_walls.items())}
+    for d, w in depth_med.items():
+        over = f", {w / depth_med[1]:.2f}x depth 1" if 1 in depth_med else ""
+        lines.append(f"council depth {d}: 512 leaf calls in {w:.3f}s (median){over}")
     for s, e in errors.items():
         lines.append(f"FAILED {s}: {e}")
     lines.append(
@@ -807,6 +887,14 @@ def report(ns, sides, walls, cpus, extra, memory, errors, versions_seen, load, a
                 "over_raw_aiohttp": round(w, 3) if w is not None else None,
                 "met": bool(r <= 0.35 and f <= 0.5),
             }
+    fig["depth_512_leaves_s"] = {str(d): round(w, 4) for d, w in depth_med.items()}
+    if 1 in depth_med and 3 in depth_med:
+        ratio = depth_med[3] / depth_med[1]
+        fig["target_depth3"] = {
+            "want": "<= 1.5x depth 1",
+            "over_depth1": round(ratio, 3),
+            "met": bool(ratio <= 1.5),
+        }
     fig["targets_n500"] = {
         "want": "<= 0.35x rlms and <= 0.5x the openai-SDK floor (aim: < 4x raw-aiohttp)",
         **targets,

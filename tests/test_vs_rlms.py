@@ -24,7 +24,7 @@ SCRIPT = ROOT / "benchmarks" / "vs_rlms.py"
 
 def test_council_is_not_slower_than_rlms_at_n200():
     cmd = [sys.executable, str(SCRIPT), "--sides", "rlms,council", "--ns", "200"]
-    cmd += ["--rounds", "1", "--chars", "200000", "--memory-tokens", "0"]
+    cmd += ["--rounds", "1", "--chars", "200000", "--memory-tokens", "0", "--depths", ""]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     figures = json.loads(out.stdout.strip().splitlines()[-1])
