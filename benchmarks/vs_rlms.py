@@ -636,7 +636,7 @@ def main() -> None:
     )
     ap.add_argument(
         "--sides",
-        default="raw-aiohttp,floor,floor:rlms-venv,litellm:priced,litellm:ours_full,litellm:ours,"
+        default="raw-aiohttp,floor,floor:rlms-venv,litellm:ours_full,litellm:ours,"
         "rlms,council,council:cold,council:litellm,council:function",
     )
     ap.add_argument(
