@@ -3,22 +3,22 @@
 One scripted, instant OpenAI-compatible server (benchmarks/openai_stub.py) answers
 every side. The task: a root model that, in its first turn, writes code fanning out N
 sub-calls over slices of `context` (in each framework's own REPL dialect), then
-answers. N = 100, 500, 1000; 16 model calls in flight everywhere. Every side runs in a
+answers. N = 100, 500, 1000 by default; 16 model calls in flight everywhere. Every side runs in a
 fresh process per round, rounds interleaved (rotating order) so machine noise hits
 all sides alike; wall times are medians over rounds. The sides:
 
+- raw-aiohttp        N hand-written POSTs on one aiohttp session, 16 in flight: the real
+                     floor of any client (build the JSON body, parse the answer);
 - floor              N direct calls with the openai client (AsyncOpenAI), 16 in flight,
                      in our venv (the openai major version litellm pins);
 - floor:rlms-venv    the same, with the newer openai client of the rlms venv. The floor
                      is the faster of the two at each N (the stricter baseline);
-- litellm:<variant>  the floor's N calls through litellm.acompletion: `default`;
-                     `priced` (the model has a price, as every model in litellm's table
-                     does: an unpriced one costs a slow failed lookup per call); `lean`
-                     (priced, and openai/ routed through litellm's own aiohttp handler
-                     instead of the OpenAI SDK); `hosted_vllm` (that route by provider);
-                     `lean_unpriced`; `ours` (through agents.models.LiteLLMModel with a
-                     price, as the council side uses it); `ours_unpriced`; `ours_sdk`
-                     (LiteLLMModel told to keep the OpenAI SDK route);
+- litellm:<variant>  the floor's N calls through litellm: `ours` (agents.models.LiteLLMModel
+                     with a price, on its lean path, as the council side uses it),
+                     `ours_full` (the same with lean=False: litellm.acompletion),
+                     `ours_unpriced`, `ours_sdk`; and litellm.acompletion called directly:
+                     `default`, `priced`, `lean` (litellm's own aiohttp handler for openai/),
+                     `hosted_vllm`, `lean_unpriced`;
 - rlms               the paper's package: `RLM(...).completion(context)`, local REPL,
                      `llm_query_batched` (its handler runs 16 at a time), in its own venv;
 - council            a Council session: agent `root` whose code calls `llm.map`, the `llm`
@@ -26,10 +26,14 @@ all sides alike; wall times are medians over rounds. The sides:
                      session is up, its warm REPL worker included;
 - council:cold       the same, asked the moment the session has started, while the agent's
                      warm REPL worker is still booting (the first request of a session);
-- council:sdk        the same with litellm's lean route switched off (the user's opt-out,
-                     EXPERIMENTAL_OPENAI_BASE_LLM_HTTP_HANDLER=false): the OpenAI SDK route;
+- council:litellm    the same with both models on litellm's full path (lean=False);
+- council:sdk        the same on the OpenAI SDK route (lean=False and
+                     EXPERIMENTAL_OPENAI_BASE_LLM_HTTP_HANDLER=false);
 - council:function   the same with a plain function answering the sub-calls (no HTTP,
-                     no litellm): the framework's own cost. Not a comparison, a diagnosis.
+                     no litellm): the framework's own cost. Not a comparison, a diagnosis;
+- council:depthD     (`--depths`, run after the other sides) the same 512 leaf calls
+                     through D levels of agents that hand halves of their input to child
+                     agents (see depth_once); the target is depth 3 within 1.5x depth 1.
 
 Every run is checked against the server's own count (N sub-calls, one root turn) and
 the answer text. Peak memory uses a 10M-token context (~40 MB of text): the peak of
@@ -40,7 +44,7 @@ rlms lives only in benchmarks/.venv-rlms (created on first use with `pip install
 openai`); it is never a dependency of this package. The last printed line is one JSON
 object with every figure.
 
-    .venv/bin/python benchmarks/vs_rlms.py            # the full run (about 5-10 minutes)
+    .venv/bin/python benchmarks/vs_rlms.py            # the full run (10-15 minutes)
     .venv/bin/python benchmarks/vs_rlms.py --quick    # N=20,50, small context, 1 round
 
 Only the standard library is imported at the top: the same file runs as a worker under
