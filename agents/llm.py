@@ -30,6 +30,7 @@ from agents.models import (
     as_model,
     classify,
     estimate_tokens,
+    freeze_heap,
     litellm,
     message_tokens,
     retry_after,
@@ -137,12 +138,19 @@ class LLMPeer:
         prepare = getattr(self.model, "prepare", None)
         if prepare is not None:  # e.g. import litellm off the event loop, before serving
             await prepare()
-        await bus.serve(
-            self.name,
-            partial(self.handle, bus),
-            concurrency=self.serve_concurrency,
-            task_status=task_status,
-        )
+        freeze_heap()  # what is loaded by now lives as long as the process: no GC stalls
+        try:
+            await bus.serve(
+                self.name,
+                partial(self.handle, bus),
+                concurrency=self.serve_concurrency,
+                task_status=task_status,
+            )
+        finally:
+            aclose = getattr(self.model, "aclose", None)
+            if aclose is not None:  # e.g. the lean path's HTTP session
+                with anyio.CancelScope(shield=True):
+                    await aclose()
 
     # -- one call ----------------------------------------------------------------------------
 

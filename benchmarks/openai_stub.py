@@ -10,7 +10,8 @@ The base URL says who is asking and what to script:
     http://127.0.0.1:PORT/<dialect>/<n>/<run>/v1
 
 - `dialect` is `rlms` or `council`: the REPL language the root's code is written in
-  (each framework's own functions), or `floor` for plain calls.
+  (each framework's own functions), or `floor` for plain calls; `depth` (with `n` the
+  depth) scripts a tree of Council agents reaching the same 512 leaf calls at any depth.
 - `n` is how many sub-calls the root's code fans out.
 - `run` is any token; `GET /stats/<run>` returns what that run cost (requests,
   token usage, bytes received), so a harness can check the work was really done.
@@ -61,6 +62,34 @@ FINAL("finished late")
 SCRIPTS = {"rlms": (RLMS_CODE, RLMS_FINISH), "council": (COUNCIL_CODE, COUNCIL_FINISH)}
 SUB_ANSWER = "ok done"
 
+# Depth: the same LEAVES leaf calls reached through `depth` levels of Council agents. An
+# agent at a level above the last hands FAN pieces of its input to child agents (`rlm.map`),
+# each told its level in its prompt; an agent at the last level fans its share out to `llm`.
+LEAVES, FAN = 512, 2
+
+DEPTH_SPLIT = """```python
+step = -(-len(context) // {fan})
+answers = rlm.map(["LEVEL {next}"] * {fan}, contexts=[context[i * step:(i + 1) * step] for i in range({fan})])
+FINAL(f"{{sum(int(a.split()[0]) for a in answers)}} answers")
+```"""
+
+DEPTH_LEAF = """```python
+step = -(-len(context) // {n})
+answers = llm.map(["SUB"] * {n}, contexts=[context[i * step:(i + 1) * step] for i in range({n})])
+FINAL(f"{{len(answers)}} answers")
+```"""
+
+
+def depth_code(depth: int, messages: list) -> str:
+    """The code an agent writes at its level (read from its request) of a `depth`-deep tree."""
+    first_user = next((_text_of(m.get("content")) for m in messages if m.get("role") == "user"), "")
+    level = 1
+    if first_user.startswith("Request: LEVEL "):
+        level = int(first_user.split()[2])
+    if level < depth:
+        return DEPTH_SPLIT.format(fan=FAN, next=level + 1)
+    return DEPTH_LEAF.format(n=LEAVES // FAN ** (depth - 1))
+
 
 def root_code(dialect: str, n: int, first_turn: bool) -> str:
     """The code the scripted root writes, in the dialect of the framework asking."""
@@ -100,7 +129,11 @@ def answer(path: str, body: bytes, stats: Stats) -> tuple[int, bytes]:
     except (ValueError, KeyError, TypeError) as e:
         return 400, json.dumps({"error": {"message": f"bad request: {e}"}}).encode()
     prompt_chars = sum(len(_text_of(m.get("content"))) for m in messages)
-    if model.endswith(ROOT_MODEL) and dialect in SCRIPTS:
+    if model.endswith(ROOT_MODEL) and dialect == "depth":
+        text = depth_code(n, messages)
+        first = sum(m.get("role") == "assistant" for m in messages) == 0
+        stats.add(run, root=1, extra_root_turns=0 if first else 1)
+    elif model.endswith(ROOT_MODEL) and dialect in SCRIPTS:
         first = not any(m.get("role") == "assistant" for m in messages)
         text = root_code(dialect, n, first)
         stats.add(run, root=1, extra_root_turns=0 if first else 1)
