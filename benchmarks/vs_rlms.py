@@ -70,6 +70,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 RLMS_VENV = HERE / ".venv-rlms"
+RLMS_PINS = ("rlms==0.1.3", "openai==3.57.0")
 RLMS_PYTHON = RLMS_VENV / "bin" / "python"
 OUR_PYTHON = Path(sys.executable)
 
@@ -526,7 +527,9 @@ def ensure_rlms_venv() -> None:
     print(f"creating {RLMS_VENV} with rlms (the paper's package) and openai ...", flush=True)
     base = getattr(sys, "_base_executable", sys.executable)
     subprocess.run([base, "-m", "venv", str(RLMS_VENV)], check=True)
-    subprocess.run([str(RLMS_PYTHON), "-m", "pip", "install", "-q", "rlms", "openai"], check=True)
+    # Pinned to the versions BENCHMARKS.md was measured with: a new release of either is a
+    # new baseline, taken deliberately (raise the pins with a fresh run).
+    subprocess.run([str(RLMS_PYTHON), "-m", "pip", "install", "-q", *RLMS_PINS], check=True)
 
 
 class Stub:
