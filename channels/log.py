@@ -13,6 +13,17 @@ from channels import redact
 _configured = False
 
 
+class _Stderr:
+    """Whatever `sys.stderr` is when a line is written, not when logging was configured:
+    a CLI or a test harness that swaps (and closes) stderr must never make a warning fatal."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure(level: str | None = None, *, json: bool | None = None) -> None:
     """Idempotent; COUNCIL_LOG_LEVEL and COUNCIL_LOG_JSON override the defaults."""
     global _configured
@@ -33,7 +44,7 @@ def configure(level: str | None = None, *, json: bool | None = None) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
-        logger_factory=structlog.PrintLoggerFactory(_Stderr()),
+        logger_factory=structlog.PrintLoggerFactory(_Stderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=True,
     )
     _configured = True

@@ -9,7 +9,7 @@ block that makes a nats-server enforce it. A peer's user may then (S is the sess
   token (`council.S.call.<callee>.<own name>`): the server vouches for who called;
 - publish replies and liveness signals only into the inboxes of the names that may call it
   (`_INBOX.S.<caller>.>`, the reverse edges plus the runner `admin`). There is no
-  `allow_responses`: a reply is allowed for as long as the caller waits, never past it;
+  `allow_responses`, so a reply is allowed however long the call takes (no 2-minute expiry);
 - publish events only under its own names;
 - subscribe only to its own call and cancel subjects and its own inbox;
 - use the store through the exact data-plane subjects of its own session
@@ -34,7 +34,7 @@ default of `nats server passwd`).
 
 For an external server, `Rights.write(directory)` gives the operator the server's part
 (`nats.conf`, hashes only, and `rights.json`, no secrets) and one credential file per user
-(`<user-name>.cred.json`, mode 0600), so each machine is handed only the logins it runs.
+(`<peer>.cred.json`, mode 0600), so each machine is handed only the logins it runs.
 """
 
 from __future__ import annotations

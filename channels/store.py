@@ -31,8 +31,11 @@ Faults: every chunk carries a `Nats-Msg-Id` and its index in its subject, so a w
 by a restart or a leader change re-sends what was not acknowledged (the stream drops
 duplicates) and a read asks again from the last sequence it got, placing chunks by index.
 Either finishes, or fails with `StoreUnavailable` once nothing has moved for `timeout`
-seconds. A compare-and-set write carries a message id too: re-sent after a lost ack, it
-is recognised as the same write and never applied twice.
+seconds. A compare-and-set write carries a message id too: re-sent after a lost ack and
+refused (the revision moved), it looks for its id in the revision after the one it
+expected (the bucket keeps a few), so it is never applied twice. On a cluster a direct
+get may be answered by a replica a little behind: a Ref's record, its chunks and a
+variable this store already saw are asked for again until they show up.
 
 Integrity: the record is written last and only if none exists (expected last subject
 sequence 0), so a half-written or racing upload is never visible. A Ref's size is checked

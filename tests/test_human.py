@@ -373,3 +373,22 @@ def _check_cred_file(cred: Path) -> str:
         "rights.json",
     ]
     return json.loads(cred.read_text())["password"]
+
+
+def test_a_skipped_entry_warning_goes_to_the_stderr_of_the_moment(monkeypatch):
+    """An endpoint's warning about a bad entry must not itself be fatal: logging writes to
+    the stderr there is now, not to one a CLI or test harness swapped in and closed since."""
+    import sys
+
+    import structlog
+
+    from channels import log
+
+    first = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    log.configure("warning", json=True)
+    first.close()
+    now = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", now)
+    structlog.get_logger("council.human").warning("human.entry_skipped", key="q.bogus")
+    assert json.loads(now.getvalue())["key"] == "q.bogus"

@@ -21,7 +21,7 @@ from agents.limits import Limits
 from agents.llm import LLMPeer
 from agents.models import FunctionModel
 from agents.prompt import PeerSpec
-from agents.repl import sandbox
+from agents.repl import host, sandbox
 from agents.repl.env import worker_env
 from agents.repl.host import Repl, WorkerFailed
 from agents.repl.protocol import ExecResult
@@ -365,14 +365,18 @@ async def test_the_environment_is_an_allow_list(connect, monkeypatch):
     assert set(eval(env)) <= set(worker_env(workdir="/x")) | {"LC_CTYPE"}
 
 
-async def test_unsupported_kernels_on_refuses_auto_says_so(connect, monkeypatch, caplog):
+async def test_unsupported_kernels_on_refuses_auto_says_so(connect, monkeypatch, capfd):
     """The one fake here: a kernel without Landlock cannot be had on this machine."""
     monkeypatch.setattr(sandbox, "support", lambda: "this kernel has no Landlock")
     bus = await connect("chair")
     with pytest.raises(WorkerFailed, match=r"no Landlock.*sandbox='auto'"):
         Repl(bus, agent="chair", sandbox="on")
+    monkeypatch.setattr(host, "_told", set())
+    capfd.readouterr()
     repl = Repl(bus, agent="chair", sandbox="auto")
-    assert not repl.sandboxed
+    assert not repl.sandboxed and not Repl(bus, agent="chair", sandbox="auto").sandboxed
+    said = capfd.readouterr().err
+    assert said.count("repl.sandbox_unavailable") == 1 and "UNSANDBOXED" in said
     with pytest.raises(ValueError, match="'on', 'auto' or 'off'"):
         Repl(bus, agent="chair", sandbox="yes")
     # A session refuses before it starts anything.

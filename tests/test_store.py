@@ -28,6 +28,7 @@ from channels.errors import (
     NotFound,
     NotProvisioned,
     PeerError,
+    StoreError,
     StoreForbidden,
     StoreUnavailable,
     TooLarge,
@@ -837,8 +838,13 @@ async def test_a_store_failure_reaches_a_remote_caller_readably(connect, nats_se
     assert "ExceptionGroup" not in message and "delete" not in message.lower()
 
 
-async def test_replicas_default_to_one_on_a_single_server(nc):
+async def test_replicas_default_to_one_on_a_single_server(nc, session_id):
     assert default_replicas(nc) == 1
+    await Store.provision(nc, scope=session_id)
+    info = await nc.jetstream().stream_info(stream_name(session_id))
+    assert info.config.num_replicas == 1
+    with pytest.raises(StoreError, match="a cluster of at least that many servers"):
+        await Store.provision(nc, scope=session_id + "r3", replicas=3, timeout=5)
 
 
 # -- a replicated store on a 3-node cluster ------------------------------------------------
