@@ -50,18 +50,6 @@ def configure(level: str | None = None, *, json: bool | None = None) -> None:
     _configured = True
 
 
-class _Stderr:
-    """Whatever sys.stderr is when a line is written, not when logging was set up: a stream
-    swapped in for a while (a test's capture, a CLI's redirect) and closed since must not
-    turn a log line into an exception in the code that logs."""
-
-    def write(self, text: str) -> int:
-        return sys.stderr.write(text)
-
-    def flush(self) -> None:
-        sys.stderr.flush()
-
-
 def get(name: str) -> structlog.typing.FilteringBoundLogger:
     if not _configured:
         configure()
