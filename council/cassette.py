@@ -430,8 +430,10 @@ class Cassette:
         early: dict[str, tuple[Entry, Message]] = {}  # an answer seen before its call
         for e, m in self.messages(since, until):
             if isinstance(m, Call):
+                if m.id in by_id:  # re-sent (reconnect, silent callee): one call, answered once
+                    continue
                 it = Interaction(call=m, t=e.t, seq=e.seq)
-                by_id.setdefault(m.id, it)
+                by_id[m.id] = it
                 order.append(it)
                 if m.id in early:
                     _attach(it, *early.pop(m.id))

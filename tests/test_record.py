@@ -280,6 +280,31 @@ async def test_garbage_on_the_bus_is_not_recorded(nats_server, session_id, tmp_p
     assert len(cassette.interactions()) == 1
 
 
+async def test_a_re_sent_call_is_one_interaction(nats_server, session_id, tmp_path, connect):
+    """The bus re-sends a call with its id (reconnect, a silent callee): the cassette holds
+    both copies, and reading it gives one call with its answer, not a second one unanswered."""
+    path = tmp_path / "resent.jsonl"
+    server, client, rb = await connect("echo"), await connect("client"), await connect("rec")
+
+    async def echo(call: Call) -> str:
+        return call.prompt
+
+    async with Recorder(rb.nc, session_id, path):
+        async with anyio.create_task_group() as tg:
+            await tg.start(server.serve, "echo", echo)
+            call = client.make_call("echo", "twice")
+            data = call.model_dump_json(by_alias=True).encode()
+            for _ in range(2):
+                await client.nc.request(
+                    subjects.call(session_id, "echo", "client"), data, timeout=5
+                )
+            tg.cancel_scope.cancel()
+    cassette = Cassette.load(path)
+    assert [e.kind for e in cassette.entries].count("call") == 2
+    (only,) = cassette.interactions()
+    assert only.call.id == call.id and only.answer is not None and only.answer.value == "twice"
+
+
 # -- refusing bad cassettes ---------------------------------------------------------------
 
 
