@@ -193,7 +193,13 @@ class Bus:
     async def close(self) -> None:
         if not self.nc.is_closed:
             with anyio.CancelScope(shield=True):
-                await self.nc.drain()
+                try:
+                    await self.nc.drain()
+                except nats.errors.Error as e:
+                    # Draining needs a live connection; with the server gone (the end of
+                    # `council run`, a restart) there is nothing left to flush: just close.
+                    _log.debug("bus.drain_failed", peer=self.name, error=repr(e))
+                    await self.nc.close()
         if self._watch is not None:
             self._watch.cancel()
             self._watch = None

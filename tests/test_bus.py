@@ -349,3 +349,15 @@ async def test_a_peer_answers_as_soon_as_serve_has_started(connect):
             await tg.start(server.serve, f"p{i}", echo)
             assert (await client.call(f"p{i}", "now", timeout=5)).value["prompt"] == "now"
             tg.cancel_scope.cancel()
+
+
+async def test_close_with_the_server_gone_does_not_raise(own_server, session_id):
+    """`council human` and every peer close their bus when `council run` ends and takes the
+    server with it: draining is impossible then, and closing must still end quietly."""
+    bus = await Bus.connect(own_server.url, session=session_id, name="late")
+    own_server.stop()
+    with anyio.fail_after(10):
+        while bus.nc.is_connected:
+            await anyio.sleep(0.01)
+    await bus.close()
+    assert bus.nc.is_closed
