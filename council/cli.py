@@ -597,6 +597,16 @@ async def _human(args: argparse.Namespace) -> int:
     return 0
 
 
+def _user_error(group: BaseExceptionGroup) -> CouncilError | None:
+    """The CouncilError a task group failed with, when that is all it failed with."""
+    matched, rest = group.split(CouncilError)
+    if matched is None or rest is not None:
+        return None
+    while isinstance(matched, BaseExceptionGroup):
+        matched = matched.exceptions[0]
+    return matched  # type: ignore[return-value]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     log.configure(args.log_level)
@@ -622,9 +632,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CouncilError as e:
         print(f"council {args.command}: {e}", file=sys.stderr)
         return 2
+    except BaseExceptionGroup as group:  # a task group's: one line for the user's mistake
+        error = _user_error(group)
+        if error is None:
+            raise
+        print(f"council {args.command}: {error}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"council {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`council trace | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no flush error at exit
+        return 141  # as a shell reports a process ended by SIGPIPE
     return 2
 
 
