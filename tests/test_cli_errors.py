@@ -27,7 +27,7 @@ def _council(
 ) -> subprocess.CompletedProcess:
     return subprocess.run(
         [*CLI, *argv],
-        cwd=ROOT,
+        cwd=kw.pop("cwd", ROOT),
         env={**env, "LITELLM_LOCAL_MODEL_COST_MAP": "True"},
         capture_output=True,
         text=True,
@@ -173,3 +173,33 @@ def test_serve_on_an_unroutable_address_says_unreachable(clean_env):
     )
     line = _one_clear_line(done, "serve", f"cannot connect to NATS at {url}: ")
     assert "unreachable" in line.lower() or "no route" in line.lower(), line
+
+
+def test_a_model_without_its_api_key_says_which_key_at_once(clean_env, tmp_path):
+    """No OPENAI_API_KEY (and no network): the run names the key, instead of retrying for
+    tens of seconds and then advising to try again later."""
+    env = {k: v for k, v in clean_env.items() if k != "OPENAI_API_KEY"}
+    done = _council(
+        "run", str(ROOT / COUNCIL), "--model", "gpt-4o-mini", "-p", "hi", "--no-record",
+        env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    [line] = [x for x in done.stderr.splitlines() if x.startswith("council run: ")]
+    assert "gpt-4o-mini needs OPENAI_API_KEY, which is not set" in line, done.stderr
+    assert "try again later" not in done.stderr and "llm.retry" not in done.stderr
+
+
+@pytest.mark.anyio
+async def test_the_key_check_leaves_models_with_a_key_or_no_key_alone(monkeypatch):
+    """An `api_key` given, or a provider whose only missing setting is not a key (ollama's
+    API base has a default), is not refused by the check."""
+    from agents.models import LiteLLMModel, MissingKey
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    keyless = LiteLLMModel("gpt-4o-mini")
+    with pytest.raises(MissingKey, match="OPENAI_API_KEY"):
+        await keyless.complete([{"role": "user", "content": "hi"}])
+    for model in (LiteLLMModel("gpt-4o-mini", api_key="sk-given"), LiteLLMModel("ollama/x")):
+        await model.prepare()
+        assert model._missing_key is None, model
