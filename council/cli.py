@@ -363,13 +363,10 @@ async def _run(args: argparse.Namespace) -> int:
     endpoints = {human: TerminalHuman(human, stdout=sys.stderr)} if human else {}
     prompt = args.prompt
     if prompt is None:
-        print(
-            f"request{f' for {council.entry}' if council.entry else ''}> ",
-            end="",
-            file=sys.stderr,
-            flush=True,
-        )
-        prompt = sys.stdin.readline().strip()
+        from agents.terminal import read_line
+
+        asked = f"request{f' for {council.entry}' if council.entry else ''}> "
+        prompt = (await read_line(asked, stdout=sys.stderr) or "").strip()
         if not prompt:
             raise CouncilError("no request: pass --prompt TEXT or type it at the prompt")
     context = _read_context(args.context)
