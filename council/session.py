@@ -28,6 +28,7 @@ the session records on into the same cassette.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -37,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
+import anyio.from_thread
 from anyio.abc import TaskGroup, TaskStatus
 from pydantic import BaseModel, ConfigDict
 
@@ -713,13 +715,29 @@ def run(
     timeout: float | None = None,
     **session_options: Any,
 ) -> Result:
-    """Start the council, ask once, tear down; for scripts and notebooks without async."""
+    """Start the council, ask once, tear down; for scripts and notebooks without async.
+
+    Where an event loop already runs in this thread (a Jupyter cell runs inside the
+    kernel's), the session runs on a loop of its own in a worker thread, and this waits
+    for it; interrupting the wait (the kernel's stop button) cancels the session.
+    """
 
     async def main() -> Result:
         async with Session(council, **session_options) as s:
             return await s.ask(prompt, context=context, args=args, timeout=timeout)
 
-    return anyio.run(main)
+    if not _loop_running():
+        return anyio.run(main)
+    with anyio.from_thread.start_blocking_portal(name="council-run") as portal:
+        return portal.call(main)
+
+
+def _loop_running() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def children(pid: int | None = None) -> set[int]:
