@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -410,22 +408,14 @@ async def _run(args: argparse.Namespace) -> int:
             s.call_in(partial(watch, s.client))
         if s.rights is None and args.nats is None:
             print("rights: off (any peer may call any peer)", file=sys.stderr)
-        for name in humans:
-            if name != human:
-                desk = council.peer(name).desk  # type: ignore[union-attr]
-                creds = ""
-                if s.rights is not None and s.rights.holds(desk):  # a file, never the password
-                    from channels.permissions import cred_file_name
-
-                    d = Path(tempfile.mkdtemp(prefix="council-rights-"))
-                    s.call_in(partial(_remove_at_exit, d))
-                    s.rights.write(d, only=[desk])
-                    creds = f" --rights {d / cred_file_name(desk)}"
+        for name in humans:  # one step to attach a person: the command, with a cred file
+            join = s.human_command(name)
+            if name == human:
                 print(
-                    f"human {name!r} answers with: council human --name {name} "
-                    f"--nats {s.url} --session {s.session}{creds}",
-                    file=sys.stderr,
+                    f"human {name!r} is asked here; from another terminal: {join}", file=sys.stderr
                 )
+            else:
+                print(f"human {name!r} answers with: {join}", file=sys.stderr)
         result = await s.ask(
             prompt,
             context=context,
@@ -536,13 +526,6 @@ async def _resume(args: argparse.Namespace) -> int:
     if s.replayer is not None:
         print(s.replayer.report(), file=sys.stderr)
     return 0
-
-
-async def _remove_at_exit(path: Path) -> None:
-    try:
-        await anyio.sleep_forever()
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 async def _serve(args: argparse.Namespace) -> int:

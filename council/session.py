@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
+import tempfile
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from contextlib import AsyncExitStack
 from functools import partial
@@ -309,6 +311,7 @@ class Session:
         self.client: Bus | None = None
         self.peers: dict[str, Peer] = {}
         self._stack: AsyncExitStack | None = None
+        self._human_creds: dict[str, Path] = {}  # human -> its endpoint's credential file
         self._tg: TaskGroup | None = None
         self._buses: list[Bus] = []
 
@@ -585,6 +588,26 @@ class Session:
                 raise CouncilError("bytes context needs the shared store (channels/store.py)")
             return context
         return await store.put(context)
+
+    def human_command(self, human: str) -> str:
+        """The shell command that attaches a person as `human`, from any terminal here.
+
+        With rights on, it names a credential file holding that human's endpoint user only
+        (mode 0600, in a private directory removed when the session ends): never a password.
+        """
+        assert self.url and self._stack, "enter the session first"
+        decl = self.council.peer(human)
+        if not isinstance(decl, Human):
+            raise CouncilError(f"{human!r} is not a human peer of this council")
+        command = f"council human --name {human} --nats {self.url} --session {self.session}"
+        if self.rights is not None and self.rights.holds(decl.desk):
+            if human not in self._human_creds:
+                where = Path(tempfile.mkdtemp(prefix="council-rights-"))
+                self._stack.callback(shutil.rmtree, where, True)
+                self.rights.write(where, only=[decl.desk])
+                self._human_creds[human] = where / permissions.cred_file_name(decl.desk)
+            command += f" --rights {self._human_creds[human]}"
+        return command
 
     def events(self, **options: Any) -> EventStream:
         """The session's typed events as they happen, for apps (council/events.py)."""

@@ -136,6 +136,7 @@ def test_ctrl_c_at_the_answer_prompt_of_council_run(clean_env, tmp_path, termina
     )
     t.wait_for(b"your answer>")
     assert b"Ship it?" in t.screen
+    assert b"from another terminal: council human --name ada --nats " in t.screen
     assert t.ctrl_c_stops_it() in (130, -signal.SIGINT)
     assert b"Traceback" not in t.screen
 
