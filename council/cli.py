@@ -613,6 +613,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"council {args.command}: {e}", file=sys.stderr)
         return 2
     except BaseExceptionGroup as group:  # a task group's: one line for the user's mistake
+        if group.subgroup(KeyboardInterrupt) is not None:
+            print(f"council {args.command}: interrupted", file=sys.stderr)
+            return 130
         error = _user_error(group)
         if error is None:
             raise
