@@ -155,14 +155,18 @@ def test_serve_with_a_wrong_password_names_the_authorization_violation(clean_env
             ok.wait(30)
 
 
-def test_human_with_a_wrong_password_names_the_authorization_violation(clean_env):
+@pytest.mark.parametrize("command", ["human", "run"])
+def test_human_and_run_with_a_wrong_password_name_the_authorization_violation(clean_env, command):
     with running_server(config_extra="authorization { user: bob, password: right }") as srv:
+        argv = {
+            "human": ["human", "--name", "ada"],
+            "run": ["run", COUNCIL, "-p", "hi", "--no-record"],
+        }[command]
         done = _council(
-            "human", "--name", "ada", "--session", "s1", "--nats", srv.url,
-            "--user", "bob", "--password", "wrong",
+            *argv, "--session", "s1", "--nats", srv.url, "--user", "bob", "--password", "wrong",
             env=clean_env,
         )  # fmt: skip
-        _one_clear_line(done, "human", "Authorization Violation")
+        _one_clear_line(done, command, "Authorization Violation", "--password")
 
 
 def test_serve_on_an_unroutable_address_says_unreachable(clean_env):
