@@ -39,6 +39,7 @@ from anyio.abc import TaskStatus
 from nats.aio.msg import Msg
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from agents.terminal import read_line
 from channels import log, subjects
 from channels.bus import Bus
 from channels.errors import CouncilError
@@ -475,15 +476,14 @@ class TerminalHuman:
                 self._print("", f"[{self.human}] question from {q.asker}: {q.prompt}")
                 if q.context_preview:
                     self._print(f"  context: {q.context_preview}")
-                self.stdout.write("  your answer> ")
-                self.stdout.flush()
-                text = await anyio.to_thread.run_sync(self.stdin.readline, abandon_on_cancel=True)
-                if not text:  # stdin closed: nobody left to answer
+                # on a terminal, without blocking the loop: Ctrl-C here stops at once
+                text = await read_line("  your answer> ", stdin=self.stdin, stdout=self.stdout)
+                if text is None:  # stdin closed: nobody left to answer
                     self._print("", f"[{self.human}] stdin closed; leaving")
                     tg.cancel_scope.cancel()
                     return
                 try:
-                    await desk.answer(q, text.rstrip("\n"))
+                    await desk.answer(q, text)
                 except AlreadyAnswered:
                     self._print("  (already answered elsewhere)")
 

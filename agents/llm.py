@@ -24,6 +24,7 @@ from agents import task
 from agents.models import (
     LiteLLMModel,
     Messages,
+    MissingKey,
     Model,
     ModelResponse,
     ScriptError,
@@ -293,7 +294,7 @@ class LLMPeer:
                 f"{self.name}: {model} still failing after {attempts} attempts ({_brief(e)}); "
                 "try again later, or raise max_retries / lower concurrency"
             )
-        if isinstance(e, ScriptError):
+        if isinstance(e, (ScriptError, MissingKey)):
             return PeerError(f"{self.name}: {e}")
         names = {c.__name__ for c in type(e).__mro__}
         if names & {"AuthenticationError", "PermissionDeniedError"}:

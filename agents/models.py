@@ -70,6 +70,10 @@ class TransientModelError(ModelError):
         self.retry_after = retry_after
 
 
+class MissingKey(ModelError):
+    """The provider's API key is not set: no call can succeed until it is."""
+
+
 class ScriptError(ModelError):
     """A scripted model was used differently from its script: a test bug, said plainly."""
 
@@ -292,6 +296,7 @@ class LiteLLMModel:
         self.lean = lean
         self._options: dict[str, Any] | None = None  # kwargs minus registered prices
         self._route: Any = None  # agents.lean.LeanRoute once resolved, when the model has one
+        self._missing_key: str | None = None  # set by _ready(): the provider key not set
         self._context_window = context_window
         self._looked_up = context_window is not None
 
@@ -306,6 +311,7 @@ class LiteLLMModel:
         """litellm, with this model's prices registered and its lean route resolved (once)."""
         lib = litellm()
         if self._options is None:
+            self._missing_key = self._key_not_set(lib)
             options = self._register_prices(lib)
             self._route = self._resolve_route(lib, options)
             self._options = options
@@ -334,6 +340,21 @@ class LiteLLMModel:
         """Close the lean path's HTTP session on this event loop (the peer is stopping)."""
         if self._route is not None:
             await self._route.aclose()
+
+    def _key_not_set(self, lib: ModuleType) -> str | None:
+        """The provider's API key variable, when neither it nor an `api_key` is given.
+
+        Without a key litellm's call fails only after the connection attempts (seconds of
+        retries offline), then reads like an outage; this names the missing key at once.
+        An `*_API_BASE` litellm lists is not a key (ollama has a default): ignored.
+        """
+        if self.kwargs.get("api_key"):
+            return None
+        try:
+            missing = lib.validate_environment(self.model).get("missing_keys") or []
+        except Exception:  # a model string litellm cannot place: its own call will say
+            return None
+        return next((k for k in missing if k.endswith(("_KEY", "_TOKEN"))), None)
 
     def _register_prices(self, lib: ModuleType) -> dict[str, Any]:
         """The per-call options, with custom prices moved into litellm's price table."""
@@ -383,6 +404,12 @@ class LiteLLMModel:
 
     async def complete(self, messages: Messages, **params: Any) -> ModelResponse:
         lib = litellm() if self._options is not None else self._ready()
+        if self._missing_key is not None and not params.get("api_key"):
+            raise MissingKey(
+                f"{self.model} needs {self._missing_key}, which is not set in the environment "
+                "of the process that runs this peer; export it (or pass api_key=...), or use "
+                "a model that needs no key (--model local)"
+            )
         route = self._route
         if route is not None:
             model_params = {**route.default_params, **params}

@@ -95,6 +95,33 @@ _WORKING = b'{"type":"working"'
 _NO_RESPONDERS = "503"
 
 
+def _refused_login(e: Exception) -> bool:
+    return "authorization" in str(e).lower() or "authentication" in str(e).lower()
+
+
+def _connect_cause(said: list[Exception], timeout: float) -> str:
+    """The one line that says why connecting failed, and what to do about it."""
+    if login := next((e for e in said if _refused_login(e)), None):
+        return (
+            f"the server refused the login ({login}); check --user/--password or --rights "
+            "(the credential file for this peer and session)"
+        )
+    if any(isinstance(e, ConnectionRefusedError) for e in said):
+        return (
+            "connection refused: no server listens there; "
+            "start one (`council run` embeds one) or pass the right --nats URL"
+        )
+    if oserror := next((e for e in reversed(said) if isinstance(e, OSError)), None):
+        if not isinstance(oserror, TimeoutError):
+            return f"{oserror.strerror or oserror}; check the --nats URL and the network"
+    if said and not isinstance(said[-1], TimeoutError) and str(said[-1]):
+        return f"{said[-1]}; check the --nats URL"
+    return (
+        f"no answer within {timeout:g} s (host unreachable or a firewall drops the "
+        "packets); check the --nats URL and the network"
+    )
+
+
 class Bus:
     def __init__(
         self,
@@ -147,8 +174,18 @@ class Bus:
         bound = _log.bind(session=session, peer=name)
 
         made: list[Bus] = []  # the Bus, once built: it settles calls the server refused
+        # What the socket or server said while connecting: the cause the user is shown.
+        # A refused login is final (retrying cannot fix a password): stop at once.
+        said: list[Exception] = []
+        connecting = anyio.CancelScope()
 
         async def on_error(e: Exception) -> None:
+            if not made:
+                said.append(e)
+                bound.debug("nats.connect_error", error=str(e) or type(e).__name__)
+                if _refused_login(e):
+                    connecting.cancel()
+                return
             bound.warning("nats.error", error=str(e) or type(e).__name__)
             if made:
                 made[0]._on_nats_error(e)
@@ -163,8 +200,9 @@ class Bus:
             if made:
                 await made[0]._on_reconnected()
 
+        nc = None
         try:
-            with anyio.fail_after(connect_timeout):
+            with anyio.fail_after(connect_timeout), connecting:
                 nc = await nats.connect(
                     url,
                     name=f"{session}.{name}",
@@ -180,10 +218,11 @@ class Bus:
                     reconnected_cb=on_reconnect,
                 )
         except Exception as e:  # nats-py raises bare OSErrors, its own types; ours: TimeoutError
+            said.append(e)
+        if nc is None:
             raise Unavailable(
-                f"cannot connect to NATS at {url}: {e or type(e).__name__}; start one (`council run` embeds one) "
-                "or pass the right --nats URL"
-            ) from e
+                f"cannot connect to NATS at {url}: {_connect_cause(said, connect_timeout)}"
+            ) from (said[-1] if said else None)
         bus = cls(
             nc, session=session, name=name, default_timeout=default_timeout, heartbeat=heartbeat
         )

@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -363,13 +361,10 @@ async def _run(args: argparse.Namespace) -> int:
     endpoints = {human: TerminalHuman(human, stdout=sys.stderr)} if human else {}
     prompt = args.prompt
     if prompt is None:
-        print(
-            f"request{f' for {council.entry}' if council.entry else ''}> ",
-            end="",
-            file=sys.stderr,
-            flush=True,
-        )
-        prompt = sys.stdin.readline().strip()
+        from agents.terminal import read_line
+
+        asked = f"request{f' for {council.entry}' if council.entry else ''}> "
+        prompt = (await read_line(asked, stdout=sys.stderr) or "").strip()
         if not prompt:
             raise CouncilError("no request: pass --prompt TEXT or type it at the prompt")
     context = _read_context(args.context)
@@ -413,22 +408,14 @@ async def _run(args: argparse.Namespace) -> int:
             s.call_in(partial(watch, s.client))
         if s.rights is None and args.nats is None:
             print("rights: off (any peer may call any peer)", file=sys.stderr)
-        for name in humans:
-            if name != human:
-                desk = council.peer(name).desk  # type: ignore[union-attr]
-                creds = ""
-                if s.rights is not None and s.rights.holds(desk):  # a file, never the password
-                    from channels.permissions import cred_file_name
-
-                    d = Path(tempfile.mkdtemp(prefix="council-rights-"))
-                    s.call_in(partial(_remove_at_exit, d))
-                    s.rights.write(d, only=[desk])
-                    creds = f" --rights {d / cred_file_name(desk)}"
+        for name in humans:  # one step to attach a person: the command, with a cred file
+            join = s.human_command(name)
+            if name == human:
                 print(
-                    f"human {name!r} answers with: council human --name {name} "
-                    f"--nats {s.url} --session {s.session}{creds}",
-                    file=sys.stderr,
+                    f"human {name!r} is asked here; from another terminal: {join}", file=sys.stderr
                 )
+            else:
+                print(f"human {name!r} answers with: {join}", file=sys.stderr)
         result = await s.ask(
             prompt,
             context=context,
@@ -541,13 +528,6 @@ async def _resume(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _remove_at_exit(path: Path) -> None:
-    try:
-        await anyio.sleep_forever()
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
 async def _serve(args: argparse.Namespace) -> int:
     from council.session import serve, until_signalled
 
@@ -597,6 +577,16 @@ async def _human(args: argparse.Namespace) -> int:
     return 0
 
 
+def _user_error(group: BaseExceptionGroup) -> CouncilError | None:
+    """The CouncilError a task group failed with, when that is all it failed with."""
+    matched, rest = group.split(CouncilError)
+    if matched is None or rest is not None:
+        return None
+    while isinstance(matched, BaseExceptionGroup):
+        matched = matched.exceptions[0]
+    return matched  # type: ignore[return-value]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     log.configure(args.log_level)
@@ -622,9 +612,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CouncilError as e:
         print(f"council {args.command}: {e}", file=sys.stderr)
         return 2
+    except BaseExceptionGroup as group:  # a task group's: one line for the user's mistake
+        if group.subgroup(KeyboardInterrupt) is not None:
+            print(f"council {args.command}: interrupted", file=sys.stderr)
+            return 130
+        error = _user_error(group)
+        if error is None:
+            raise
+        print(f"council {args.command}: {error}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"council {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`council trace | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no flush error at exit
+        return 141  # as a shell reports a process ended by SIGPIPE
     return 2
 
 

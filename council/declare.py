@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import inspect
 import json
 import sys
 from collections.abc import Callable, Iterator
@@ -70,6 +71,13 @@ class NotSerialisable(CouncilError, ValueError):
 
 class LoadError(CouncilError, ValueError):
     """A declaration (or a function it names) that cannot be loaded here."""
+
+
+class UnknownPeer(CouncilError, KeyError):
+    """A name that is no peer of the council (a KeyError too, for lookups that expect one)."""
+
+    def __str__(self) -> str:  # KeyError's own str() would quote the message
+        return str(self.args[0])
 
 
 # -- peers --------------------------------------------------------------------------------
@@ -406,7 +414,23 @@ def load_target(target: str, default: str = "council") -> Council:
         where, name = target, default
     obj = resolve(f"{where}:{name}")
     if callable(obj) and not isinstance(obj, Council):
-        obj = obj()
+        try:
+            inspect.signature(obj).bind()
+        except TypeError:
+            raise LoadError(
+                f"{target} is a function that needs arguments {inspect.signature(obj)}; point at "
+                "a Council, or at a function that builds one with no arguments"
+            ) from None
+        except ValueError:  # no signature to read (a builtin): let the call say
+            pass
+        try:
+            obj = obj()
+        except CouncilError:
+            raise
+        except (Exception, SystemExit) as e:  # SystemExit: a main() that parses sys.argv
+            raise LoadError(
+                f"{target}() raised {type(e).__name__}: {e}; fix it, or point at a Council"
+            ) from e
     if not isinstance(obj, Council):
         raise LoadError(f"{target} is a {type(obj).__name__}, not a Council; point at a Council")
     return obj
@@ -509,7 +533,7 @@ class Council(BaseModel):
         for p in self.peers:
             if p.name == name:
                 return p
-        raise KeyError(f"no peer {name!r} in this council; it has {', '.join(self.names())}")
+        raise UnknownPeer(f"no peer {name!r} in this council; it has {', '.join(self.names())}")
 
     def names(self) -> list[str]:
         return [p.name for p in self.peers]

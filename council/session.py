@@ -28,8 +28,11 @@ the session records on into the same cassette.
 
 from __future__ import annotations
 
+import asyncio
 import os
+import shutil
 import signal
+import tempfile
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from contextlib import AsyncExitStack
 from functools import partial
@@ -37,6 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
+import anyio.from_thread
 from anyio.abc import TaskGroup, TaskStatus
 from pydantic import BaseModel, ConfigDict
 
@@ -307,6 +311,7 @@ class Session:
         self.client: Bus | None = None
         self.peers: dict[str, Peer] = {}
         self._stack: AsyncExitStack | None = None
+        self._human_creds: dict[str, Path] = {}  # human -> its endpoint's credential file
         self._tg: TaskGroup | None = None
         self._buses: list[Bus] = []
 
@@ -584,6 +589,26 @@ class Session:
             return context
         return await store.put(context)
 
+    def human_command(self, human: str) -> str:
+        """The shell command that attaches a person as `human`, from any terminal here.
+
+        With rights on, it names a credential file holding that human's endpoint user only
+        (mode 0600, in a private directory removed when the session ends): never a password.
+        """
+        assert self.url and self._stack, "enter the session first"
+        decl = self.council.peer(human)
+        if not isinstance(decl, Human):
+            raise CouncilError(f"{human!r} is not a human peer of this council")
+        command = f"council human --name {human} --nats {self.url} --session {self.session}"
+        if self.rights is not None and self.rights.holds(decl.desk):
+            if human not in self._human_creds:
+                where = Path(tempfile.mkdtemp(prefix="council-rights-"))
+                self._stack.callback(shutil.rmtree, where, True)
+                self.rights.write(where, only=[decl.desk])
+                self._human_creds[human] = where / permissions.cred_file_name(decl.desk)
+            command += f" --rights {self._human_creds[human]}"
+        return command
+
     def events(self, **options: Any) -> EventStream:
         """The session's typed events as they happen, for apps (council/events.py)."""
         from council.events import EventStream
@@ -713,13 +738,29 @@ def run(
     timeout: float | None = None,
     **session_options: Any,
 ) -> Result:
-    """Start the council, ask once, tear down; for scripts and notebooks without async."""
+    """Start the council, ask once, tear down; for scripts and notebooks without async.
+
+    Where an event loop already runs in this thread (a Jupyter cell runs inside the
+    kernel's), the session runs on a loop of its own in a worker thread, and this waits
+    for it; interrupting the wait (the kernel's stop button) cancels the session.
+    """
 
     async def main() -> Result:
         async with Session(council, **session_options) as s:
             return await s.ask(prompt, context=context, args=args, timeout=timeout)
 
-    return anyio.run(main)
+    if not _loop_running():
+        return anyio.run(main)
+    with anyio.from_thread.start_blocking_portal(name="council-run") as portal:
+        return portal.call(main)
+
+
+def _loop_running() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def children(pid: int | None = None) -> set[int]:
