@@ -123,3 +123,25 @@ def test_needle_from_the_cli_with_smollm2_as_the_reader(haystack):
     needle = load_file(EXAMPLES / "needle.py")
     out = run_example("needle", "drivers", "--context", str(path), "-p", needle.QUESTION)
     assert out.strip() == secret
+
+
+@pytest.mark.local_model
+def test_model_local_runs_every_model_of_a_council_on_smollm2(tmp_path):
+    """`--model local`: each model string becomes `local`, which `council run` serves with
+    SmolLM2 itself (no network, no key). An LLM peer as the entry: it answers the prompt."""
+    (tmp_path / "ask.py").write_text(
+        "from council.declare import LLM, Council\n"
+        "council = Council(entry='reader', peers=[LLM('reader', model='openai/gpt-4o-mini')])\n"
+    )
+    done = council(
+        "run",
+        str(tmp_path / "ask.py"),
+        "--model",
+        "local",
+        "--no-record",
+        "-p",
+        "What is the capital of France? Answer in one word.",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip(), done.stderr[-2000:]
+    assert "OPENAI_API_KEY" not in done.stderr
