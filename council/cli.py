@@ -260,7 +260,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--session", required=True, help="the session id the rest of the council uses"
     )
-    serve.add_argument("--model", "-m", help="use this model for the peer (agents and LLMs)")
+    serve.add_argument(
+        "--model", "-m", help="use this model for the peer (`local`: SmolLM2, offline)"
+    )
+    serve.add_argument("--models", metavar="FILE:name", help=_MODELS_HELP)
     _sandbox_arg(serve)
 
     rights = sub.add_parser(
@@ -570,19 +573,28 @@ async def _remove_at_exit(path: Path) -> None:
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    from council.session import serve, until_signalled
+    from council.offline import load_models, models_for
 
     council = load_target(args.target)
     if args.model:
         council = council.with_model(args.model)
     if args.sandbox:
         council = council.with_sandbox(args.sandbox)
+    supplied = load_models(args.models) if args.models else {}
+    async with models_for(council, supplied, only=args.peer) as models:
+        return await _serving(args, council, models)
+
+
+async def _serving(args: argparse.Namespace, council: Any, models: dict[str, Any]) -> int:
+    from council.session import serve, until_signalled
+
     async with anyio.create_task_group() as tg:
         await tg.start(
             partial(
                 serve,
                 council,
                 args.peer,
+                models=models,
                 nats_url=args.nats,
                 session=args.session,
                 credentials=(args.user, args.password),

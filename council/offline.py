@@ -51,15 +51,16 @@ def model_strings(council: Council) -> dict[str, str]:
 
 @asynccontextmanager
 async def models_for(
-    council: Council, given: Mapping[str, Any], *, start: bool = True
+    council: Council, given: Mapping[str, Any], *, start: bool = True, only: str | None = None
 ) -> AsyncIterator[dict[str, Any]]:
     """`given`, plus SmolLM2 for every `local` model string it does not cover (started
-    here, stopped on exit; not with `start=False`, as for a replay)."""
+    here, stopped on exit; not with `start=False`, as for a replay; `only`: for this peer
+    alone, as `council serve` runs one)."""
     models = dict(given)
     wanted = {
         m
         for peer, m in model_strings(council).items()
-        if is_local(m) and not _covered(models, peer, m)
+        if is_local(m) and not _covered(models, peer, m) and only in (None, peer)
     }
     if not wanted or not start:
         yield models
