@@ -68,8 +68,8 @@ async def models_for(
     from agents.local import LocalModelServer
 
     server = LocalModelServer(n_ctx=4096)
-    await server.astart(timeout=180)
     try:
+        await server.astart(timeout=180)
         for m in wanted:
             models[m] = server.model()
         yield models
