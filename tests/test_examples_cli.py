@@ -110,7 +110,7 @@ def test_show_flags_models_that_cannot_run_here():
     assert "cannot run here" not in done.stderr, done.stderr
 
 
-def test_run_with_an_unknown_model_fails_with_no_traceback():
+def test_models_pointing_at_nothing_is_a_clear_error_not_a_traceback():
     done = council("show", "examples/needle.py", "--models", "examples/needle.py:nothing")
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert "has no attribute 'nothing'" in done.stderr
