@@ -289,6 +289,9 @@ class RLMAgent:
                 except Exception as e:  # requests start their own; try again when one ends
                     _log.warning("rlm.spare_not_started", agent=self.name, error=str(e))
                     await self._release(repl)
+                except BaseException:  # the agent stops while the spare boots: close it too
+                    await self._release(repl)
+                    raise
                 else:
                     self._spare = repl
                 finally:

@@ -45,6 +45,11 @@ def sessions_dir() -> Path:
 
 
 _TARGET_HELP = "the council: FILE.py:NAME or module:NAME (NAME defaults to 'council')"
+_MODELS_HELP = (
+    "model objects for the declaration's model strings: FILE.py:NAME or module:NAME, a dict "
+    "{model string or peer name: model} or a function returning one (e.g. scripted models); "
+    "a `local` or `local/...` model string it leaves out runs on SmolLM2, offline"
+)
 
 
 def _nats_args(
@@ -133,6 +138,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     show.add_argument("target", metavar="FILE:council", help=_TARGET_HELP)
     show.add_argument("--json", action="store_true", help="print the declaration as JSON")
+    show.add_argument("--models", metavar="FILE:name", help=_MODELS_HELP)
 
     run = sub.add_parser(
         "run",
@@ -145,7 +151,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("target", metavar="FILE:council", help=_TARGET_HELP)
     run.add_argument("--prompt", "-p", help="the request (default: read it from the terminal)")
     run.add_argument("--context", "-c", metavar="PATH", help="a file whose contents are the input")
-    run.add_argument("--model", "-m", help="use this model for every agent and LLM peer")
+    run.add_argument(
+        "--model",
+        "-m",
+        help="use this model for every agent and LLM peer (`local`: SmolLM2, offline)",
+    )
+    run.add_argument("--models", metavar="FILE:name", help=_MODELS_HELP)
     _sandbox_arg(run)
     _nats_args(run)
     run.add_argument(
@@ -247,7 +258,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--session", required=True, help="the session id the rest of the council uses"
     )
-    serve.add_argument("--model", "-m", help="use this model for the peer (agents and LLMs)")
+    serve.add_argument(
+        "--model", "-m", help="use this model for the peer (`local`: SmolLM2, offline)"
+    )
+    serve.add_argument("--models", metavar="FILE:name", help=_MODELS_HELP)
     _sandbox_arg(serve)
 
     rights = sub.add_parser(
@@ -321,8 +335,12 @@ def _rights(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
+    from council.offline import load_models, problems
+
     council = load_target(args.target)
     print(council.to_json() if args.json else council.show())
+    for model, why in problems(council, load_models(args.models) if args.models else {}).items():
+        print(f"model {model!r} cannot run here: {why}", file=sys.stderr)
     return 0
 
 
@@ -342,6 +360,7 @@ def _read_context(path: str | None) -> Any:
 async def _run(args: argparse.Namespace) -> int:
     from agents.human import TerminalHuman
     from council.declare import Human
+    from council.offline import load_models, models_for
     from council.session import Session
 
     council = load_target(args.target)
@@ -382,20 +401,25 @@ async def _run(args: argparse.Namespace) -> int:
         record = sessions_dir() / f"{session}.jsonl"
     if args.replay:  # the recording answers for every human: no endpoint to open
         humans, endpoints, human = [], {}, None
-    async with Session(
-        council,
-        nats_url=args.nats,
-        rights=given if given is not None else not args.no_rights,
-        session=session,
-        local=args.local,
-        humans=endpoints,
-        credentials=credentials,
-        timeout=args.timeout,
-        record=record,
-        replay=args.replay,
-        strict=args.strict,
-        store_replicas=args.replicas,
-    ) as s:
+    supplied = load_models(args.models) if args.models else {}
+    async with (
+        models_for(council, supplied, start=not args.replay) as models,
+        Session(
+            council,
+            models=models,
+            nats_url=args.nats,
+            rights=given if given is not None else not args.no_rights,
+            session=session,
+            local=args.local,
+            humans=endpoints,
+            credentials=credentials,
+            timeout=args.timeout,
+            record=record,
+            replay=args.replay,
+            strict=args.strict,
+            store_replicas=args.replicas,
+        ) as s,
+    ):
         print(f"session {s.session} on {s.url}", file=sys.stderr)
         if record is not None:
             print(f"recording to {record}", file=sys.stderr)
@@ -529,19 +553,28 @@ async def _resume(args: argparse.Namespace) -> int:
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    from council.session import serve, until_signalled
+    from council.offline import load_models, models_for
 
     council = load_target(args.target)
     if args.model:
         council = council.with_model(args.model)
     if args.sandbox:
         council = council.with_sandbox(args.sandbox)
+    supplied = load_models(args.models) if args.models else {}
+    async with models_for(council, supplied, only=args.peer) as models:
+        return await _serving(args, council, models)
+
+
+async def _serving(args: argparse.Namespace, council: Any, models: dict[str, Any]) -> int:
+    from council.session import serve, until_signalled
+
     async with anyio.create_task_group() as tg:
         await tg.start(
             partial(
                 serve,
                 council,
                 args.peer,
+                models=models,
                 nats_url=args.nats,
                 session=args.session,
                 credentials=(args.user, args.password),

@@ -147,17 +147,23 @@ def _tokens(n: int) -> str:
     return f"{n / 1000:.1f}k" if n >= 10_000 else str(n)
 
 
-def _asked(call: Call) -> str:
-    """The prompt's preview; a call with no prompt shows its `op` (a REPL's set_context)
-    or its args, and a model call the last message it was sent."""
+def request(call: Call) -> tuple[str, bool]:
+    """What a call asked, in full, and whether it is quoted text: the prompt; for a call with
+    none, a model call's last message, a REPL's `op` (as `set_context`) or the args. The
+    terminal and the page both label calls with it."""
     if call.prompt:
-        return f'"{preview(call.prompt, 50)}"'
+        return call.prompt, True
     messages = call.args.get("messages")
     if isinstance(messages, list) and messages and isinstance(messages[-1], dict):
-        return f'"{preview(messages[-1].get("content", ""), 50)}"'
+        return _as_text(messages[-1].get("content", "")), True
     if "op" in call.args:
-        return f"[{call.args['op']}]"
-    return f'"{preview(call.args, 50)}"' if call.args else '""'
+        return f"[{call.args['op']}]", False
+    return (_as_text(call.args), True) if call.args else ("", True)
+
+
+def _asked(call: Call) -> str:
+    text, quoted = request(call)
+    return f'"{preview(text, 50)}"' if quoted else text
 
 
 def _line(n: Node) -> str:
@@ -269,6 +275,7 @@ def page_data(trace: Trace) -> dict[str, Any]:
                 "caller": c.caller,
                 "callee": c.callee,
                 "prompt": _cap(c.prompt),
+                "asked": _cap(request(c)[0]),
                 "context": _cap(_as_text(c.context)),
                 "args": _cap(_as_text(c.args) if c.args else ""),
                 "status": n.status,
@@ -350,10 +357,17 @@ main{display:grid;grid-template-columns:minmax(380px,1.2fr) 1fr;height:calc(100v
 #timeline .bar{position:absolute;height:12px;top:1px;border-radius:2px;background:#7aa7e0;min-width:2px;cursor:pointer}
 #timeline .bar.bad{background:#e38b80}
 #timeline .bar.sel{outline:2px solid #1a56db}
+.row.hit{background:#fff3bf} .row.hit.sel{background:#ffe08a}
+#search{margin-top:6px;width:min(520px,60vw);padding:3px 6px;font:inherit}
+#hits{color:var(--mut);margin-left:8px}
+.unk{text-decoration:underline dotted;cursor:help}
+.legend{font-size:12px;margin-top:2px}
 #timeline .lab{position:absolute;left:4px;font-size:10px;color:var(--mut);pointer-events:none;white-space:nowrap}
 </style></head>
 <body>
-<header><h1 id="title"></h1><div class="sum" id="sum"></div><ul id="damaged"></ul></header>
+<header><h1 id="title"></h1><div class="sum" id="sum"></div>
+<input id="search" type="search" placeholder="search calls: peer, request, answer, error, model" aria-label="search calls"><span id="hits"></span>
+<ul id="damaged"></ul></header>
 <main><div id="tree" role="tree"></div><div id="detail"><p class="sum">Click a call to see it.</p></div></main>
 <div id="timeline" aria-label="timeline"></div>
 <script type="application/json" id="data">__DATA__</script>
@@ -364,12 +378,15 @@ var D=JSON.parse(document.getElementById("data").textContent);
 var N=D.nodes, kids=N.map(function(){return [];}), rows=[], bars=[];
 N.forEach(function(n,i){ if(n.parent>=0) kids[n.parent].push(i); });
 function el(tag,cls,text){var e=document.createElement(tag); if(cls)e.className=cls; if(text!=null)e.textContent=text; return e;}
+var UNKNOWN="cost unknown: no price is known for a model used here (a local or scripted model, or one litellm has no price for)";
 function money(c){return c==null?"$?":"$"+c.toFixed(4);}
+function cost(c){var e=el("span",c==null?"unk":null,money(c)); if(c==null)e.title=UNKNOWN; return e;}
 function dur(n){if(n.end==null)return "";var d=n.end-n.start;return d<1?(d*1000).toFixed(1)+" ms":d.toFixed(2)+" s";}
 function pv(s,k){s=(s||"").replace(/\\s+/g," ");return s.length>k?s.slice(0,k-1)+"\\u2026":s;}
 var T=D.totals;
 document.getElementById("title").textContent="session "+D.session+(D.complete?"":" (incomplete recording)");
-document.getElementById("sum").textContent=T.calls+" calls \\u00b7 "+T.failures+" failed \\u00b7 "+T.tokens+" tokens \\u00b7 "+money(T.cost)+" \\u00b7 "+T.model_calls+" model calls \\u00b7 "+T.seconds.toFixed(3)+" s \\u00b7 recorded "+new Date(D.started*1000).toISOString()+" \\u00b7 rlm-council "+D.framework;
+var sum=document.getElementById("sum"); sum.textContent=T.calls+" calls \\u00b7 "+T.failures+" failed \\u00b7 "+T.tokens+" tokens \\u00b7 "+money(T.cost)+" \\u00b7 "+T.model_calls+" model calls \\u00b7 "+T.seconds.toFixed(3)+" s \\u00b7 recorded "+new Date(D.started*1000).toISOString()+" \\u00b7 rlm-council "+D.framework;
+if(N.some(function(n){return n.cost==null&&n.model_calls>0;})||T.cost==null){var lg=el("div","legend","$? = "+UNKNOWN); lg.id="legend"; sum.appendChild(lg);}
 var dm=document.getElementById("damaged");
 if(!D.complete&&D.problem)dm.appendChild(el("li","st-bad","incomplete recording: "+D.problem));
 (D.resumed||[]).forEach(function(r){dm.appendChild(el("li","sum","resumed "+r));});
@@ -385,7 +402,7 @@ function select(i){
    ["usage",n.tokens+" tokens ("+n.input_tokens+" in, "+n.output_tokens+" out), "+money(n.cost)+", "+n.model_calls+" model calls (whole subtree)"],
    ["calls below",String(n.n)]].forEach(function(p){dl.appendChild(el("dt",null,p[0]));dl.appendChild(el("dd",null,p[1]));});
   d.appendChild(dl);
-  [["prompt",n.prompt],["context",n.context],["args",n.args],[n.status==="ok"?"answer":"partial",n.value],["error",n.error],["events",n.events.join("\\n")]].forEach(function(p){
+  [["request",n.prompt?"":n.asked],["prompt",n.prompt],["context",n.context],["args",n.args],[n.status==="ok"?"answer":"partial",n.value],["error",n.error],["events",n.events.join("\\n")]].forEach(function(p){
     if(p[1]){d.appendChild(el("dt",null,p[0]));d.appendChild(el("pre",null,p[1]));}
   });
 }
@@ -404,9 +421,12 @@ function build(i,depth){
   var bad=n.status!=="ok";
   row.appendChild(tw); row.appendChild(el("span","who",n.callee));
   row.appendChild(el("span","from"," \\u2190 "+n.caller+(n.models.length?" ["+n.models.join(", ")+"]":"")+"  "));
-  row.appendChild(el("span","pr","\\u201c"+pv(n.prompt,60)+"\\u201d"));
+  var q=/^\\[[a-z_]+\\]$/.test(n.asked);
+  row.appendChild(el("span","pr",q?n.asked:"\\u201c"+pv(n.asked,90)+"\\u201d"));
+  row.title=n.callee+" \\u2190 "+n.caller+": "+pv(n.asked,400);
   row.appendChild(el("span","meta "+(bad?"st-bad":"st-ok")," "+n.status));
-  var m=[]; if(n.tokens)m.push(n.tokens+" tok "+money(n.cost)); if(n.end!=null)m.push(dur(n)); if(has)m.push(n.n+" below");
+  var m=[]; if(n.end!=null)m.push(dur(n)); if(has)m.push(n.n+" below");
+  if(n.tokens){var u=el("span","meta",n.tokens+" tok "); u.appendChild(cost(n.cost)); row.appendChild(u);}
   row.appendChild(el("span","meta",m.join(" \\u00b7 ")));
   row.addEventListener("click",function(){ if(has)toggle(li,tw); select(i); });
   rows[i]=row; li.appendChild(row);
@@ -420,10 +440,23 @@ N.forEach(function(n,i){
   var r=el("div","tl"), b=el("div","bar"+(n.status!=="ok"?" bad":""));
   var end=n.end==null?span:n.end;
   b.style.left=(100*n.start/span)+"%"; b.style.width=Math.max(0.2,100*(end-n.start)/span)+"%";
-  b.title=n.caller+" \\u2192 "+n.callee+": "+pv(n.prompt,80)+" ("+(dur(n)||"no answer")+")";
+  b.title=n.caller+" \\u2192 "+n.callee+": "+pv(n.asked,200)+" ("+(dur(n)||"no answer")+")";
   b.addEventListener("click",function(){reveal(i);select(i);});
-  bars[i]=b; r.appendChild(b); r.appendChild(el("span","lab",n.callee)); tl.appendChild(r);
+  var lab=el("span","lab",n.callee+"  "+pv(n.asked,60)); lab.style.left="calc("+Math.min(100*n.start/span,70)+"% + 4px)";
+  bars[i]=b; r.appendChild(b); r.appendChild(lab); tl.appendChild(r);
 });
+var hay=N.map(function(n){return [n.callee,n.caller,n.asked,n.prompt,n.context,n.value,n.error,n.models.join(" "),n.id,n.status].join("\\n").toLowerCase();});
+var hits=[], hitAt=-1, box=document.getElementById("search");
+function next(){ if(!hits.length)return; hitAt=(hitAt+1)%hits.length; reveal(hits[hitAt]); select(hits[hitAt]); }
+function search(q){
+  hits.forEach(function(i){rows[i].classList.remove("hit");});
+  hits=[]; hitAt=-1; q=q.trim().toLowerCase();
+  if(q)N.forEach(function(n,i){ if(hay[i].indexOf(q)>=0){hits.push(i); rows[i].classList.add("hit");} });
+  document.getElementById("hits").textContent=q?hits.length+(hits.length===1?" match":" matches")+(hits.length>1?" (Enter: next)":""):"";
+  next();
+}
+box.addEventListener("input",function(){search(box.value);});
+box.addEventListener("keydown",function(e){ if(e.key==="Enter"){e.preventDefault(); next();} });
 if(N.length)select(0);
 })();
 </script>

@@ -128,6 +128,29 @@ def code(text: str, say: str = "") -> str:
     return f"{say}\n```python\n{text.strip()}\n```".lstrip()
 
 
+def stand_in_reader(messages: list[dict[str, Any]], context: Any = None) -> str:
+    """A reader with no model, for tests and quick offline runs: a figure in ms, else a
+    number of four or more digits, from its context; else the context's first words."""
+    text = (
+        context
+        if isinstance(context, str)
+        else " ".join(str(m.get("content", "")) for m in messages if m.get("role") == "user")
+    )
+    found = re.search(r"\b(\d+) ms\b", text) or re.search(r"\b(\d{4,})\b", text)
+    if found:
+        return found.group(1)
+    return " ".join(text.split()[:20])
+
+
+def offline_models(script: Script, *, scripted_reader: bool) -> dict[str, Any]:
+    """The models of `council run EXAMPLE --models EXAMPLE:drivers` (the scripted root;
+    the reader, `local/smollm2`, left to SmolLM2) or `...:scripted` (no model at all)."""
+    models: dict[str, Any] = {DRIVER: driver(script)}
+    if scripted_reader:
+        models[LOCAL] = FunctionModel(stand_in_reader, name="stand-in-reader")
+    return models
+
+
 @dataclass
 class Models:
     """What one run uses: the (possibly re-modelled) council and the model objects."""

@@ -34,6 +34,7 @@ from _shared import (
     code,
     guarded,
     models_for,
+    offline_models,
     parser,
     say,
     session_options,
@@ -93,6 +94,10 @@ council = Council(
 
 SEARCH = """
 import re
+try:
+    history
+except NameError:  # a request outside a conversation (`council run --prompt ...`)
+    history = []
 STOP = {"what", "which", "does", "much", "with", "that", "this", "have", "from", "about"}
 words = {w for w in re.findall(r"[a-z]+", REQUEST.lower()) if len(w) > 3} - STOP
 relevant = [
@@ -114,6 +119,18 @@ def script(turn: int, request: str, messages: list[dict[str, Any]]) -> str:
     if turn == 1:
         return code(f"REQUEST = {request!r}\n" + SEARCH, "Look in `history` for what was said.")
     return code("FINAL(answer.strip())")
+
+
+def drivers() -> dict[str, Any]:
+    """`council run ... --models examples/conversation.py:drivers`: the scripted root; the reader
+    runs on SmolLM2."""
+    return offline_models(script, scripted_reader=False)
+
+
+def scripted() -> dict[str, Any]:
+    """`council run ... --models examples/conversation.py:scripted`: no model at all (a stand-in
+    reader that picks figures out of its context)."""
+    return offline_models(script, scripted_reader=True)
 
 
 # -- running it ------------------------------------------------------------------------------

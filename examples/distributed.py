@@ -47,6 +47,7 @@ from _shared import (
     guarded,
     mode,
     models_for,
+    offline_models,
     parser,
     say,
     session_options,
@@ -225,6 +226,18 @@ async def serve_elsewhere(
         cluster.stop()
         raise
     return cluster
+
+
+def drivers() -> dict[str, Any]:
+    """`council run ... --models examples/distributed.py:drivers`: the scripted root; the reader
+    runs on SmolLM2."""
+    return offline_models(script, scripted_reader=False)
+
+
+def scripted() -> dict[str, Any]:
+    """`council run ... --models examples/distributed.py:scripted`: no model at all (a stand-in
+    reader that picks figures out of its context)."""
+    return offline_models(script, scripted_reader=True)
 
 
 # -- running it ------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from _shared import (
     guarded,
     mode,
     models_for,
+    offline_models,
     parser,
     say,
     session_options,
@@ -149,6 +150,18 @@ def script(turn: int, request: str, messages: list[dict[str, Any]]) -> str:
             "Too big to read. Search it, and let the reader look at the few matching windows.",
         )
     return code(TURN_3, "Keep the answers the windows confirm.")
+
+
+def drivers() -> dict[str, Any]:
+    """`council run ... --models examples/needle.py:drivers`: the scripted root; the reader
+    runs on SmolLM2."""
+    return offline_models(script, scripted_reader=False)
+
+
+def scripted() -> dict[str, Any]:
+    """`council run ... --models examples/needle.py:scripted`: no model at all (a stand-in
+    reader that picks figures out of its context)."""
+    return offline_models(script, scripted_reader=True)
 
 
 # -- running it ------------------------------------------------------------------------------

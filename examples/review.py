@@ -36,6 +36,7 @@ from _shared import (
     guarded,
     humans_for,
     models_for,
+    offline_models,
     parser,
     say,
     session_options,
@@ -265,6 +266,18 @@ def script(turn: int, request: str, messages: list[dict[str, Any]]) -> str:
         if role in system:
             return code(turns[min(turn, len(turns)) - 1])
     raise ValueError("the review driver does not know this agent")
+
+
+def drivers() -> dict[str, Any]:
+    """`council run ... --models examples/review.py:drivers`: the scripted root; the reader
+    runs on SmolLM2."""
+    return offline_models(script, scripted_reader=False)
+
+
+def scripted() -> dict[str, Any]:
+    """`council run ... --models examples/review.py:scripted`: no model at all (a stand-in
+    reader that picks figures out of its context)."""
+    return offline_models(script, scripted_reader=True)
 
 
 # -- running it ------------------------------------------------------------------------------

@@ -142,3 +142,38 @@ def test_each_example_declares_a_council_and_a_small_cassette(name, capsys):
         f.stat().st_size for f in (blobs.iterdir() if blobs.is_dir() else [])
     )
     assert size < MAX_CASSETTE_BYTES, f"{cassette} and its blobs are {size:,} bytes"
+
+
+def _calls(path: Path) -> list[tuple[str, str, str, str]]:
+    """Every call of a cassette, in tree order, as (caller, callee, what it asked, status)."""
+    from council import trace
+    from council.cassette import Cassette
+
+    t = trace.build(Cassette.load(path))
+    out = []
+    for root in t.roots:
+        for n in root.walk():
+            out.append((n.call.caller, n.call.callee, trace.request(n.call)[0][:200], n.status))
+    return out
+
+
+@pytest.mark.parametrize("name", ["needle", "review", "conversation", "distributed"])
+async def test_each_bundled_cassette_matches_its_examples_code(name, tmp_path):
+    """A strict replay checks the model and human answers only; this also checks every other
+    call. Replayed (no model) and recorded again, the example must make exactly the calls its
+    cassette holds, and none of them may have failed: a cassette recorded by older code
+    (calls it no longer makes, or failures it no longer has) fails here. Re-record with
+    `bash examples/rerecord.sh`."""
+    module = example(name)
+    again = tmp_path / f"{name}.jsonl"
+    args = replaying(module, "--quiet", "--record", str(again))
+    await module.run(args, out=io.StringIO())
+    recorded, replayed = _calls(module.CASSETTE), _calls(again)
+    failed = [c for c in recorded if c[3] != "ok"]
+    assert not failed, f"{module.CASSETTE} holds failed calls {failed[:3]}; re-record it"
+    assert sorted(replayed) == sorted(recorded), (
+        f"{module.CASSETTE} no longer matches examples/{name}.py "
+        f"(only recorded: {sorted(set(recorded) - set(replayed))[:3]}; "
+        f"only in this run: {sorted(set(replayed) - set(recorded))[:3]}); "
+        "re-record with: bash examples/rerecord.sh"
+    )

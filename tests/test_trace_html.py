@@ -209,3 +209,92 @@ async def test_a_damaged_cassette_page_lists_what_it_could_not_read_and_shows_th
     assert any("unknown message type 'telepathy'" in n for n in notes)
     assert any("cut off mid-record" in n for n in notes)
     assert rows >= 2 * PARTS  # the calls that were read are all there
+
+
+async def record_model_calls(url: str, session: str, path: Path) -> None:
+    """A root agent whose model is scripted and a reader whose price is unknown (cost None,
+    as for a local model): model-call rows, a set_context row, and `$?` costs."""
+    from agents.models import FunctionModel
+    from council.declare import LLM, Agent, Council
+    from council.session import Session
+
+    council = Council(
+        entry="solver",
+        peers=[
+            Agent("solver", model="scripted/root", calls=["reader"]),
+            LLM("reader", model="scripted/reader"),
+        ],
+    )
+    code = "```python\nFINAL(reader('What is the vault code?', context=context))\n```"
+    models = {
+        "scripted/root": FunctionModel(lambda messages: code),
+        "scripted/reader": FunctionModel(lambda messages: "4711", cost=None),
+    }
+    async with Session(council, nats_url=url, session=session, models=models, record=path) as s:
+        result = await s.ask("Find the vault code in the text.", context="The code is 4711.")
+        assert result.value == "4711"
+
+
+async def test_trace_page_shows_requests_searches_and_explains_unknown_costs(
+    nats_server, session_id, tmp_path, browser
+):
+    path = tmp_path / "model.jsonl"
+    await record_model_calls(nats_server.url, session_id, path)
+    page = tmp_path / "model.html"
+    page.write_text(trace.render_html(trace.build(Cassette.load(path))))
+    browser.cmd("POST", "/url", {"url": page.as_uri()})
+
+    # A model call's row shows the request it was sent (its last message), as the terminal
+    # view does; a set_context row shows its op; neither is an empty pair of quotes.
+    labels = browser.js(
+        "var o={}; document.querySelectorAll('#tree .row').forEach(function(r){"
+        "o[r.dataset.callee]=(o[r.dataset.callee]||[]).concat([r.querySelector('.pr').textContent]);});"
+        "return o;"
+    )
+    [model_row] = labels["solver-model"]
+    assert "Request: Find the vault code in the text." in model_row
+    assert "[set_context]" in labels["solver-repl"]
+    assert not any(label in ("\u201c\u201d", "") for rows in labels.values() for label in rows)
+
+    # Search: typing a word of the reader's question finds that call, reveals and selects it.
+    box = browser.find("#search")
+    browser.cmd("POST", f"/element/{box[ELEMENT]}/value", {"text": "vault code?"})
+    found = browser.js(
+        "return [document.querySelector('#hits').textContent,"
+        " document.querySelector('#detail h2').textContent,"
+        " Array.from(document.querySelectorAll('#tree .row.hit')).map(function(r){"
+        "return r.dataset.callee;})]"
+    )
+    hits, selected, rows = found
+    # the first hit is selected; the model call whose code asks it and the reader both match
+    assert selected == f"solver → {rows[0]}  [ok]"
+    assert {"solver-model", "reader"} <= set(rows)
+    assert hits == f"{len(rows)} matches (Enter: next)"
+    for _ in rows:  # Enter walks the hits, revealing each: one of them is the reader's call
+        if browser.js("return document.querySelector('#detail h2').textContent").startswith(
+            "solver-repl → reader"
+        ):
+            break
+        browser.cmd("POST", f"/element/{box[ELEMENT]}/value", {"text": "\ue007"})
+    else:
+        raise AssertionError("Enter never reached the reader's call")
+    assert browser.displayed(browser.find("#tree .row.sel[data-callee='reader']"))
+    browser.cmd("POST", f"/element/{box[ELEMENT]}/clear", {})
+    browser.cmd("POST", f"/element/{box[ELEMENT]}/value", {"text": "4711"})
+    assert browser.js("return document.querySelectorAll('#tree .row.hit').length") >= 2
+    browser.cmd("POST", f"/element/{box[ELEMENT]}/clear", {})
+    browser.cmd("POST", f"/element/{box[ELEMENT]}/value", {"text": "no such thing anywhere"})
+    assert browser.js("return document.querySelector('#hits').textContent") == "0 matches"
+
+    # Selecting the model call shows its request in the details pane.
+    browser.click(browser.find("#tree .row[data-callee='solver-model']"))
+    detail = browser.js("return document.querySelector('#detail').textContent")
+    assert "request" in detail and "Request: Find the vault code in the text." in detail
+
+    # `$?` says why: the reader's price is unknown, and the page has a legend for it.
+    unknown = browser.js(
+        "var u=document.querySelector('#tree .row[data-callee=\"reader\"] .unk');"
+        " return [u.textContent, u.title, document.querySelector('#legend').textContent]"
+    )
+    assert unknown[0] == "$?" and "cost unknown" in unknown[1]
+    assert unknown[2].startswith("$? = cost unknown")

@@ -219,7 +219,7 @@ class Repl:
         self.slots = slots
         self._proc: Process | None = None
         self._workdir: str | None = None
-        self._logdir = tempfile.mkdtemp(prefix=f"council-repl-{self.agent}-log-")
+        self._logdir: str | None = None  # made by the first spawn, removed by close()
         self._lock = anyio.Lock()
         self._lost: str | None = None  # a notice owed to the next execution
         self._last_loss: str | None = None
@@ -323,6 +323,8 @@ class Repl:
         argv = [sys.executable, "-m", "agents.repl.worker"]
         if self._url.startswith("ws"):
             argv.append("--ws")
+        if self._logdir is None:
+            self._logdir = tempfile.mkdtemp(prefix=f"council-repl-{self.agent}-log-")
         log_path = Path(self._logdir) / "worker.log"
         started = time.perf_counter()
         # A fresh log per worker: the sandbox caps file size, and a log is a file.
@@ -403,7 +405,8 @@ class Repl:
             _taken.discard((self.session, self.name))
             if self._owns_bus and self._bus is not None:
                 await self._bus.close()
-            shutil.rmtree(self._logdir, ignore_errors=True)
+            if self._logdir is not None:
+                shutil.rmtree(self._logdir, ignore_errors=True)
 
     async def restart(self, reason: str = "restarted on request") -> None:
         """Replace the worker with a fresh one (the namespace is lost)."""
@@ -598,6 +601,8 @@ class Repl:
         return WorkerStats.model_validate(reply.value)
 
     def _log_tail(self, n: int = 4_000) -> str:
+        if self._logdir is None:
+            return ""
         try:
             text = (Path(self._logdir) / "worker.log").read_text(errors="replace")
         except OSError:
