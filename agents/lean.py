@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
-from agents.models import Messages, ModelResponse
+from agents.models import CALLBACK_LISTS, Messages, ModelResponse
 from channels import log
 
 _log = log.get("council.lean")
@@ -128,7 +128,7 @@ class LeanRoute:
             return "litellm.cache is set"
         if getattr(lib, "max_budget", 0):
             return "litellm.max_budget is set"
-        for attr in _CALLBACK_LISTS:
+        for attr in CALLBACK_LISTS:
             if getattr(lib, attr, None):
                 return f"litellm.{attr} is set"
         unknown = params.keys() - self.supported
@@ -335,20 +335,6 @@ class LeanRoute:
 
 
 # -- resolving a route, once per model --------------------------------------------------------
-
-# Where litellm's callbacks and budget live: while all are empty, nothing reads the logging
-# litellm would do for a call.
-_CALLBACK_LISTS = (
-    "callbacks",
-    "input_callback",
-    "success_callback",
-    "failure_callback",
-    "service_callback",
-    "audit_log_callbacks",
-    "_async_input_callback",
-    "_async_success_callback",
-    "_async_failure_callback",
-)
 
 
 def resolve(lib: ModuleType, model: str, options: dict[str, Any]) -> LeanRoute | str:

@@ -21,6 +21,7 @@ import anyio
 from anyio.abc import TaskStatus
 
 from agents import task
+from agents.lean import MODEL_PARAMS
 from agents.models import (
     LiteLLMModel,
     Messages,
@@ -52,19 +53,6 @@ from channels.messages import Call, Completion, Ref, Reply, Usage
 _log = log.get("council.llm")
 
 SIGNATURE = "(prompt: str, context=None) -> str"
-
-# Model parameters a caller may set through `args`; everything else in args is not the
-# model's business (an agent forwarding its own args must not break the request).
-MODEL_PARAMS = (
-    "max_tokens",
-    "temperature",
-    "top_p",
-    "stop",
-    "seed",
-    "presence_penalty",
-    "frequency_penalty",
-    "response_format",
-)
 
 # The event must fit in one NATS message (1 MiB by default): beyond this many characters in
 # all, the longest contents are cut in the middle (the call itself still has the whole).
@@ -492,7 +480,9 @@ def _check_messages(raw: Any) -> Messages:
 
 
 def _model_params(args: dict[str, Any]) -> dict[str, Any]:
-    params = {k: args[k] for k in MODEL_PARAMS if args.get(k) is not None}
+    # only model parameters: the rest of args is not the model's business (an agent
+    # forwarding its own args must not break the request)
+    params = {k: v for k, v in args.items() if k in MODEL_PARAMS and v is not None}
     max_tokens = params.get("max_tokens")
     if max_tokens is not None and (
         not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1

@@ -224,7 +224,7 @@ YOUNG_THRESHOLD = 10_000
 
 # Where litellm's callbacks and budget live: while all are empty, nothing reads the
 # logging payload litellm builds after every call.
-_CALLBACK_LISTS = (
+CALLBACK_LISTS = (
     "callbacks",
     "input_callback",
     "success_callback",
@@ -235,7 +235,7 @@ _CALLBACK_LISTS = (
     "_async_success_callback",
     "_async_failure_callback",
 )
-_CALLBACK_KWARGS = frozenset(n for n in _CALLBACK_LISTS if not n.startswith("_")) | {"logger_fn"}
+_CALLBACK_KWARGS = frozenset(n for n in CALLBACK_LISTS if not n.startswith("_")) | {"logger_fn"}
 
 
 def _quiet_switch() -> Any:
@@ -257,7 +257,7 @@ def _nobody_listens(lib: ModuleType, options: dict[str, Any]) -> bool:
     """No callback, logger or budget (global or for this call) would see litellm's logging."""
     if getattr(lib, "max_budget", 0):
         return False
-    if any(getattr(lib, n, None) for n in _CALLBACK_LISTS):
+    if any(getattr(lib, n, None) for n in CALLBACK_LISTS):
         return False
     return not any(options.get(k) for k in _CALLBACK_KWARGS)
 
