@@ -22,10 +22,11 @@ import json
 import os
 import weakref
 from dataclasses import dataclass, field
+from functools import partial
 from types import ModuleType
 from typing import Any
 
-from agents.models import CALLBACK_LISTS, Messages, ModelResponse
+from agents.models import CALLBACK_LISTS, Messages, ModelResponse, read_response
 from channels import log
 
 _log = log.get("council.lean")
@@ -252,18 +253,7 @@ class LeanRoute:
             api_key=self.api_key,
             json_mode=request.json_mode,
         )
-        choice = out.choices[0]
-        text = getattr(choice.message, "content", None) or ""
-        usage = getattr(out, "usage", None)
-        input_tokens = int(getattr(usage, "prompt_tokens", 0) or 0)
-        output_tokens = int(getattr(usage, "completion_tokens", 0) or 0)
-        return ModelResponse(
-            text=text,
-            input_tokens=input_tokens,
-            output_tokens=output_tokens,
-            cost=self._cost(out, usage, input_tokens, output_tokens),
-            model=getattr(out, "model", None) or self.model,
-        )
+        return read_response(out, self.model, partial(self._cost, out))
 
     def _cost(self, out: Any, usage: Any, input_tokens: int, output_tokens: int) -> float | None:
         """litellm's price for this response: read from its table once when it is linear."""

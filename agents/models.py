@@ -425,18 +425,7 @@ class LiteLLMModel:
         finally:
             if token is not None:
                 quiet.reset(token)
-        choice = response.choices[0]
-        text = getattr(choice.message, "content", None) or ""
-        usage = getattr(response, "usage", None)
-        input_tokens = int(getattr(usage, "prompt_tokens", 0) or 0)
-        output_tokens = int(getattr(usage, "completion_tokens", 0) or 0)
-        return ModelResponse(
-            text=text,
-            input_tokens=input_tokens,
-            output_tokens=output_tokens,
-            cost=_response_cost(response),
-            model=getattr(response, "model", None) or self.model,
-        )
+        return read_response(response, self.model, lambda *_: _response_cost(response))
 
     def cost(self, input_tokens: int, output_tokens: int) -> float | None:
         """Dollars for this many tokens, when litellm knows the price; None otherwise."""
@@ -448,6 +437,23 @@ class LiteLLMModel:
             return float(prompt + completion)
         except Exception:
             return None
+
+
+def read_response(
+    out: Any, model: str, cost: Callable[[Any, int, int], float | None]
+) -> ModelResponse:
+    """A litellm `ModelResponse` as ours, on either path; `cost(usage, input, output)`
+    prices it the way that path can."""
+    usage = getattr(out, "usage", None)
+    input_tokens = int(getattr(usage, "prompt_tokens", 0) or 0)
+    output_tokens = int(getattr(usage, "completion_tokens", 0) or 0)
+    return ModelResponse(
+        text=getattr(out.choices[0].message, "content", None) or "",
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        cost=cost(usage, input_tokens, output_tokens),
+        model=getattr(out, "model", None) or model,
+    )
 
 
 def _response_cost(response: Any) -> float | None:
