@@ -21,6 +21,20 @@ async def settle(nc: NATS) -> None:
     await nc.flush()
 
 
+async def drain(subs: Iterable[Subscription], timeout: float = 2.0) -> None:
+    """Drop subscriptions after handling what the server had already routed to them: a
+    listener closing just after the answer it should record reached its neighbour would
+    otherwise lose it. Bounded, shielded, and quiet when the connection is already gone."""
+    subs = list(subs)
+    with anyio.CancelScope(shield=True), anyio.move_on_after(timeout):
+        for sub in subs:
+            try:
+                await sub.drain()
+            except Exception:
+                pass
+    await unsubscribe(subs)
+
+
 async def unsubscribe(subs: Iterable[Subscription]) -> None:
     """Drop subscriptions on the way out, shielded from cancellation. One that is already
     gone (connection closed, server restarting) is nothing to raise from a `finally`."""

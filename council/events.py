@@ -45,7 +45,7 @@ from channels.messages import (
     Usage,
     decode,
 )
-from channels.natsio import settle, unsubscribe
+from channels.natsio import drain, settle
 
 _log = log.get("council.events")
 
@@ -322,7 +322,7 @@ class EventStream:
         self._send: MemoryObjectSendStream[_AppEvent] | None = None
         self._receive: MemoryObjectReceiveStream[_AppEvent] | None = None
         self._subs: list[Any] = []
-        self._closed = False
+        self._closing = self._closed = False
         self.dropped = 0
 
     async def start(self) -> EventStream:
@@ -365,10 +365,11 @@ class EventStream:
             pass
 
     async def aclose(self) -> None:
-        if self._closed:
+        if self._closing:
             return
+        self._closing = True
+        await drain(self._subs)  # what the server already routed here is still delivered
         self._closed = True
-        await unsubscribe(self._subs)
         if self._send is not None:
             await self._send.aclose()
 

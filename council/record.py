@@ -27,14 +27,13 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import anyio
-import anyio.lowlevel
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from pydantic import BaseModel
 
 from channels import log, redact, subjects
 from channels.messages import Failure, Ref, Reply
-from channels.natsio import settle, unsubscribe
+from channels.natsio import drain, settle
 from council.cassette import (
     DEFAULT_INLINE_LIMIT,
     Cassette,
@@ -237,17 +236,7 @@ class Recorder:
         if self.summary is not None:
             return self.summary
         assert self._writer is not None and self._thread is not None, "recorder never started"
-        if not self.nc.is_closed:
-            try:
-                await settle(self.nc)
-            except Exception as e:  # a dead connection: keep what arrived
-                _log.warning("recorder.settle_failed", error=str(e))
-        for _ in range(1000):  # let the subscription tasks hand over what they hold
-            if all(s.pending_msgs == 0 for s in self._subs):
-                break
-            await anyio.sleep(0.001)
-        await anyio.lowlevel.checkpoint()
-        await unsubscribe(self._subs)
+        await drain(self._subs)  # a dead connection keeps what arrived
         self._queue.put(None)
         await anyio.to_thread.run_sync(self._thread.join)
         saved, missing = await self._save_refs(self._writer.refs)

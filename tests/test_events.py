@@ -166,6 +166,24 @@ async def test_an_unknown_event_type_arrives_as_other_and_the_stream_ends_with_t
     assert rest == []
 
 
+async def test_closing_the_stream_keeps_what_the_server_already_sent_it():
+    """A listener that closes just after an answer reached its neighbour still gets that
+    answer (telemetry once exported a finished call as `unfinished` this way)."""
+    n = 2000
+    async with Session(COUNCIL, models=models(), humans={"ada": ScriptedHuman("ada", [])}) as s:
+        events = await s.events(buffer=n + 10).start()
+        for i in range(n):
+            raw = b'{"type":"tick","v":1,"session":"%s","peer":"chair","n":%d}' % (
+                s.session.encode(),
+                i,
+            )
+            await s.client.nc.publish(subjects.event(s.session, "chair", "tick"), raw)
+        await s.client.nc.flush()  # the server has routed all n to the listener
+        await events.aclose()  # at once: most are still on the wire or in nats-py's queue
+        got = [e async for e in events]
+    assert [e.data["n"] for e in got] == list(range(n))
+
+
 async def test_events_need_a_running_session():
     s = Session(COUNCIL, models=models())
     with pytest.raises(RuntimeError, match="not running"):
