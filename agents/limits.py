@@ -41,6 +41,12 @@ class Limits(BaseModel):
         description="what a child call past `depth` becomes: a failure, or a plain model call",
     )
 
+    @property
+    def child_depths(self) -> int:
+        """At how many depths an agent's child agents can run (2 up to `depth`): each has
+        its own share of the agent's concurrency, and one REPL worker per request."""
+        return max(0, self.depth - 1)
+
     def summary(self) -> str:
         """Only what differs from the defaults, for `council show`."""
         default = Limits()

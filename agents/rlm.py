@@ -39,6 +39,7 @@ from agents.prompt import (
     system_prompt,
 )
 from agents.repl.host import Repl
+from agents.repl.pool import WorkerPool
 from agents.repl.protocol import ExecResult
 from agents.schema import Mismatch, TypeSpec, signature
 from channels import log, subjects
@@ -55,6 +56,8 @@ from channels.errors import (
 from channels.messages import Budget, Call, Ref, Reply, Step, Usage, Value
 
 _log = log.get("council.rlm")
+
+UNLIMITED = 1 << 30  # a bus limit that never binds (the real limits are in the handler)
 
 HISTORY_NOTE = (
     "This is turn {turn} of a conversation. Earlier turns are NOT shown here: the REPL "
@@ -194,6 +197,7 @@ class RLMAgent:
         inputs: Mapping[str, Any] | None = None,
         compaction: Compaction | None = None,
         window: int | Callable[[], int | None] | None = None,
+        warm: int = 1,
     ) -> None:
         """`output`: the type FINAL values must have (a pydantic model or any TypeAdapter
         type). `inputs`: types of `context` and of named args; a call that does not fit is
@@ -209,6 +213,7 @@ class RLMAgent:
         self.can_spawn = can_spawn
         self.concurrency = concurrency
         self.repl_options = dict(repl_options or {})
+        self.warm_workers = warm
         self.model_params = dict(model_params or {})  # e.g. max_tokens, temperature
         self.output = TypeSpec.of(output) if output is not None else None
         self.inputs = {k: TypeSpec.of(v) for k, v in (inputs or {}).items()}
@@ -218,10 +223,8 @@ class RLMAgent:
         self._window_checked = False
         self._bus: Bus | None = None
         self._conversations: dict[str, _Conversation] = {}
-        self._spare: Repl | None = None
-        self._spare_wanted = anyio.Event()
-        self._booting: anyio.Event | None = None  # set when the spare being started is up
-        self._live = 0  # REPL workers this agent holds (each takes one of its REPL names)
+        self._pool: WorkerPool | None = None
+        self._child_limits: dict[int, anyio.Semaphore] = {}  # per depth: see _answer_child
 
     @property
     def signature(self) -> str:
@@ -250,72 +253,51 @@ class RLMAgent:
 
     async def run(self, bus: Bus, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED):
         self._bus = bus
+        pool = self._pool = WorkerPool(
+            partial(self._new_repl, None),
+            agent=self.name,
+            warm=self.warm_workers,
+            cap=self.repl_options.get("slots"),
+        )
         try:
             async with anyio.create_task_group() as tg:
+                await tg.start(pool.run)
                 await tg.start(
                     partial(bus.serve, self.name, self._answer, concurrency=self.concurrency)
                 )
                 if self.can_spawn:
+                    # Limited per depth in _answer_child, not here: children waiting for a
+                    # slot their own parents hold would wait forever.
                     await tg.start(
                         partial(
                             bus.serve,
                             self.child_name,
                             self._answer_child,
-                            concurrency=self.concurrency,
+                            concurrency=UNLIMITED,
                         )
                     )
-                tg.start_soon(self._keep_spare)
                 task_status.started()
         finally:
             with anyio.CancelScope(shield=True):
                 for conv in self._conversations.values():
-                    await self._release(conv.repl)
+                    await pool.give_back(conv.repl)
                 self._conversations.clear()
-                if self._spare is not None:
-                    await self._release(self._spare)
-                    self._spare = None
 
     # -- REPL workers ----------------------------------------------------------------------
 
-    async def _keep_spare(self) -> None:
-        """Keep one worker booted ahead of need: a request then starts at once instead of
-        paying for a Python process to start (a few hundred ms, more on a busy machine)."""
-        while True:
-            if self._spare is None and self._room_for_spare():
-                repl = self._new_repl(None)
-                booting = self._booting = anyio.Event()
-                try:
-                    await repl.start()
-                except Exception as e:  # requests start their own; try again when one ends
-                    _log.warning("rlm.spare_not_started", agent=self.name, error=str(e))
-                    await self._release(repl)
-                except BaseException:  # the agent stops while the spare boots: close it too
-                    await self._release(repl)
-                    raise
-                else:
-                    self._spare = repl
-                finally:
-                    self._booting = None
-                    booting.set()
-            await self._spare_wanted.wait()
-            self._spare_wanted = anyio.Event()
-
     async def warm(self) -> int | None:
-        """Wait until a spare worker is booted; its pid. For callers that time requests
-        (benchmarks) or start many at once; a request never has to wait for this."""
-        while self._spare is None or self._spare.pid is None:
-            if self._booting is not None:
-                await self._booting.wait()
-            else:
-                await anyio.sleep(0.01)
-        return self._spare.pid
+        """Wait until the agent's warm REPL workers are booted; the pid of the one the next
+        request gets. For callers that time requests (benchmarks) or start many at once;
+        a request never has to wait for this."""
+        ready = await self._require_pool().wait_warm()
+        return ready[0].pid if ready else None
 
-    def _room_for_spare(self) -> bool:
-        slots = self.repl_options.get("slots")
-        return slots is None or self._live < slots
+    def _require_pool(self) -> WorkerPool:
+        if self._pool is None:
+            raise RuntimeError(f"agent {self.name!r} is not running")
+        return self._pool
 
     def _new_repl(self, context: Value) -> Repl:
-        self._live += 1
         return Repl(
             self._require_bus(),
             agent=self.name,
@@ -325,43 +307,39 @@ class RLMAgent:
         )
 
     async def _take_repl(self, call: Call) -> Repl:
-        """The spare worker with this call's input, or a new one if none is ready.
-
-        A spare still booting is waited for: it is up sooner than a new one would be, and
-        the first request then always gets the agent's first REPL name (stable recordings).
-        """
-        if self._spare is None and self._booting is not None:
-            await self._booting.wait()
-        repl, self._spare = self._spare, None
-        self._spare_wanted.set()
-        if repl is None or not repl.alive:
-            if repl is not None:
-                await self._release(repl)
-            repl = self._new_repl(None)
-        # The same two steps whether a spare was ready or not, so recordings do not differ.
-        await repl.start()
-        await repl.set_context(call.context, parent=call)
+        """A fresh worker from the pool, holding this call's input."""
+        repl = await self._require_pool().take()
+        try:
+            await repl.set_context(call.context, parent=call)
+        except BaseException:
+            await self._release(repl)
+            raise
         return repl
 
     async def _release(self, repl: Repl) -> None:
-        with anyio.CancelScope(shield=True):
-            await repl.close()
-        self._live -= 1
-        self._spare_wanted.set()  # a name came free: the spare may be replaced
+        await self._require_pool().give_back(repl)
 
     async def _answer_child(self, call: Call) -> Reply:
-        if call.depth > self.limits.depth:
-            if self.limits.at_max_depth == "llm":
-                return await self._plain_model_call(call)
+        """Child calls at each depth share `concurrency` among themselves only: were one
+        limit shared by all depths, parents holding every slot would wait forever on their
+        children (a tree that fans out as wide as the concurrency, two levels deep)."""
+        if call.depth > self.limits.depth and self.limits.at_max_depth != "llm":
             raise DepthExceeded(
                 f"{self.name}: a child agent at depth {call.depth} is past the limit of "
                 f"{self.limits.depth}; solve this piece in your own code or with a plain model call"
             )
-        try:
-            limits = self.limits.for_child(call.args, self._remaining(call))
-        except ValueError as e:
-            raise BadRequest(f"{self.name}: {e}") from None
-        return await self._answer(call, limits)
+        depth = min(call.depth, self.limits.depth + 1)
+        limit = self._child_limits.get(depth)
+        if limit is None:
+            limit = self._child_limits[depth] = anyio.Semaphore(self.concurrency)
+        async with limit:
+            if call.depth > self.limits.depth:
+                return await self._plain_model_call(call)
+            try:
+                limits = self.limits.for_child(call.args, self._remaining(call))
+            except ValueError as e:
+                raise BadRequest(f"{self.name}: {e}") from None
+            return await self._answer(call, limits)
 
     def _remaining(self, call: Call) -> Limits:
         """The most a child call may be given: our own limits, within the call's budget and time."""

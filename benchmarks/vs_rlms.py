@@ -395,6 +395,8 @@ def depth_once(stub: str, run: str, depth: int, context: str) -> dict:
     itself, at depth 2 it hands 2 halves to 2 children that fan out 256 each, at depth 3 the
     children hand 2 halves each to 4 grandchildren that fan out 128 each (7 agents). Every
     agent of the tree takes a REPL worker: this measures what a child agent's request costs.
+    The timed request is the session's second: the first, untimed, sizes the agent's pool
+    of warm workers (agents/repl/pool.py).
     """
     import anyio
 
@@ -428,17 +430,22 @@ def depth_once(stub: str, run: str, depth: int, context: str) -> dict:
 
     async def go() -> dict:
         async with Session(council, models=models) as session:
+            # One untimed request first: the agent's pool learns how many workers a tree
+            # holds at once and boots them after its replies, as a long-running council's does.
+            await warm_workers_up(session)
+            first = await session.ask(PROMPT, context=context, timeout=600)
             await warm_workers_up(session)
             t = time.perf_counter()
             result = await session.ask(PROMPT, context=context, timeout=600)
             wall = time.perf_counter() - t
-        return {"wall": wall, "answer": str(result.value)}
+        return {"wall": wall, "answer": str(result.value), "first": str(first.value)}
 
     out = anyio.run(go)
-    if not out["answer"].startswith(f"{LEAVES} answers"):
-        raise RuntimeError(f"council at depth {depth} answered {out['answer'][:200]!r}")
+    for answer in (out["first"], out["answer"]):
+        if not answer.startswith(f"{LEAVES} answers"):
+            raise RuntimeError(f"council at depth {depth} answered {answer[:200]!r}")
     agents = sum(FAN**level for level in range(depth))
-    check_run(stub, run, LEAVES, roots=agents)
+    check_run(stub, run, 2 * LEAVES, roots=2 * agents)
     return {"wall": out["wall"], "agents": agents}
 
 

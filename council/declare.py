@@ -135,6 +135,13 @@ class Agent(_Peer):
         le=512,
         description="requests answered at once (each runs in a REPL worker process of its own)",
     )
+    warm: int = Field(
+        default=1,
+        ge=0,
+        le=512,
+        description="REPL workers kept booted ahead of requests (more while busy: as many as "
+        "were held at once, up to the agent's REPL names; back to this after a minute idle)",
+    )
     output: TypeSpec | None = Field(
         default=None, description="the type of its answers (a pydantic model or TypeAdapter type)"
     )
@@ -160,8 +167,9 @@ class Agent(_Peer):
     @property
     def repl_slots(self) -> int:
         """How many REPL workers may be up at once, so how many REPL names its rights cover:
-        one per request in flight, and as many again for child agents (their own pool)."""
-        return self.concurrency * (2 if self.can_spawn else 1)
+        one per request in flight, and as many again per depth child agents run at (each
+        depth has its own share, so a child never waits on a slot its parent holds)."""
+        return self.concurrency * (1 + (self.limits.child_depths if self.can_spawn else 0))
 
     @property
     def calls_(self) -> list[str]:

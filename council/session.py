@@ -195,6 +195,7 @@ def build(
             inputs=decl.inputs,
             compaction=decl.compaction,
             window=lambda: thinker.model.context_window,
+            warm=decl.warm,
         )
         return [agent, thinker]
     raise TypeError(f"unknown kind of peer: {decl!r}")
