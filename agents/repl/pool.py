@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import anyio
+import anyio.lowlevel
 from anyio.abc import TaskGroup, TaskStatus
 
 from agents.repl.host import Repl
@@ -184,7 +185,7 @@ class WorkerPool:
             changed = self._changed
             self._signal()
             for _ in range(2):  # the keeper's turn: it starts what may boot now
-                await anyio.sleep(0)
+                await anyio.lowlevel.checkpoint()
             if not self._booting:
                 break  # nothing more will boot (names all held, or busy: after the work)
             await changed.wait()
