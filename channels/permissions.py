@@ -18,8 +18,10 @@ block that makes a nats-server enforce it. A peer's user may then (S is the sess
   session's data. Only the runner (`S:admin`) creates, purges or deletes streams and buckets.
 
 A name may stand for a numbered family (`slots`): `<agent>-repl` with N slots also covers
-`<agent>-repl-2` .. `<agent>-repl-N`, the names an agent's concurrent REPL workers take;
-whoever may call or serve the name may call or serve every member of its family.
+`<agent>-repl-2` .. `<agent>-repl-N`, the names an agent's concurrent REPL workers take.
+Whoever may call the name may call every member; each member that serves is a user of its
+own, held to its own name, so one request's worker cannot listen in on, or answer for,
+another's.
 
 Credentials. The server's config holds only bcrypt hashes of the users' passwords; each
 plain password lives in the memory of the process it belongs to (a REPL worker gets its own
@@ -332,24 +334,29 @@ def rights(
     users: dict[str, UserRights] = {}
     creds: list[Credential] = []
     for peer in calls:
-        mine = set(names[peer])
         callers = {ADMIN} | {
-            n for other in calls if mine & set(callees[other]) for n in names[other]
+            n for other in calls if set(names[peer]) & set(callees[other]) for n in names[other]
         }
-        publish, subscribe = peer_subjects(session, mine, callees[peer], callers, store=store)
-        for human, desk in ((peer, False), (desks.get(peer), True)):
-            if human in humans:
-                pub, sub = human_subjects(session, human, desk=desk)
-                publish, subscribe = publish + pub, subscribe + sub
-        cred, digest = _login(session, peer, f"{session}.{peer}")
-        users[peer] = UserRights(
-            peer=peer,
-            user=cred.user,
-            password_hash=digest,
-            publish=publish,
-            subscribe=subscribe,
-        )
-        creds.append(cred)
+        # A numbered family that serves (an agent's REPL workers) is one user per member,
+        # each held to its own name: code in one worker cannot listen to, or answer for,
+        # the calls of another request's worker.
+        members = family(peer, slots[peer]) if peer in slots else [peer]
+        for member in members:
+            mine = {member} if len(members) > 1 else set(names[peer])
+            publish, subscribe = peer_subjects(session, mine, callees[peer], callers, store=store)
+            for human, desk in ((peer, False), (desks.get(peer), True)):
+                if human in humans:
+                    pub, sub = human_subjects(session, human, desk=desk)
+                    publish, subscribe = publish + pub, subscribe + sub
+            cred, digest = _login(session, member, f"{session}.{member}")
+            users[member] = UserRights(
+                peer=member,
+                user=cred.user,
+                password_hash=digest,
+                publish=publish,
+                subscribe=subscribe,
+            )
+            creds.append(cred)
     cred, digest = _login(session, ADMIN, f"{session}:{ADMIN}")  # ":" is never in a peer name
     admin = UserRights(
         peer=ADMIN, user=cred.user, password_hash=digest, publish=[">"], subscribe=[">"]

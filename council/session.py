@@ -168,14 +168,17 @@ def build(
         llm = _import("agents.llm", f"the model of agent {decl.name!r}")
         rlm = _import("agents.rlm", f"agent {decl.name!r}")
         # Every REPL worker of the agent (one per request in flight, child agents' and
-        # conversations' too) connects as `<agent>-repl` and takes one of the numbered names
-        # that user's rights cover.
-        user, password = credentials(decl.repl_peer) if credentials else (None, None)
+        # conversations' too) takes one of the numbered names `<agent>-repl`, `-repl-2`, ...
+        # and connects with that name's own login.
         # Refuse now, before anything runs, if the sandbox is "on" and this kernel cannot.
         _import("agents.repl.host", f"agent {decl.name!r}").sandbox_wanted(decl.sandbox)
         repl_options: dict[str, Any] = {"slots": decl.repl_slots, "sandbox": decl.sandbox}
-        if user:
-            repl_options |= {"user": user, "password": password}
+        if credentials:  # one login per REPL name: a worker can act only as itself
+            logins = {
+                n: credentials(n) for n in permissions.family(decl.repl_peer, decl.repl_slots)
+            }
+            if any(user for user, _ in logins.values()):
+                repl_options["logins"] = logins
         thinker = llm.LLMPeer(
             decl.model_peer,
             model(council.model_of(decl)),

@@ -109,11 +109,16 @@ async def attack():
     js = nc.jetstream(timeout=1.5)
     outside = f"council.{S}.call.secret.{NAME}"
     R["publish_outside"] = await outcome(nc.request(outside, b"{}", timeout=1))
-    # -- listening in
+    # -- listening in, also on the worker of another request of the same agent, and taking
+    # its calls as one more member of its queue group
+    SIB = "chair-repl-2" if NAME == "chair-repl" else "chair-repl"
+    R["sibling"] = SIB
     for subject in [">", f"_INBOX.{S}.admin.>", f"council.{S}.call.word_count.*",
                     f"council.{S}.call.secret.*", f"council.{S}.call.chair.*",
-                    f"$KV.council-human-{S}-ada.q.*", "$JS.API.>"]:
+                    f"$KV.council-human-{S}-ada.q.*", "$JS.API.>",
+                    f"council.{S}.call.{SIB}.*", f"_INBOX.{S}.{SIB}.>"]:
         await nc.subscribe(subject)
+    await nc.subscribe(f"council.{S}.call.{SIB}.chair", queue=SIB)
     await nc.flush()
     # -- spoofing the caller: in the subject (refused by the server), in the body (refused
     # by the callee, which believes the subject)
@@ -235,6 +240,11 @@ async def test_repl_code_is_held_to_its_rights(sandbox: str):
         for subject in (f"council.{S}.call.secret.*", f"council.{S}.call.chair.*"):
             assert denied("subscription", subject), subject
         assert denied("subscription", f"$KV.council-human-{S}-ada.q.*")
+        # Another request's REPL worker: not heard, not impersonated (one login per name).
+        sib = R["sibling"]
+        assert denied("subscription", f"council.{S}.call.{sib}.*")
+        assert denied("subscription", f"_INBOX.{S}.{sib}.>")
+        assert denied("subscription", f"council.{S}.call.{sib}.chair")
         assert denied("subscription", "$JS.API.>")
         # The caller is who the subject says: another name there is refused by the server,
         # and a body claiming another caller is refused by the callee.

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -158,6 +158,8 @@ class Repl:
     server), or a NATS URL, in which case the Repl connects as `agent` in `session`.
     `user`/`password` are the NATS credentials the worker connects with (handed to it on
     stdin, never in its environment); by default the agent's own, when given a URL.
+    `logins` (REPL name -> (user, password)) gives each name its own: the worker then
+    connects with the login of the name it took.
 
     Executions run one at a time. `exec_timeout` caps each one (a call's own deadline may
     cut it shorter); `memory_mb` is what code may allocate on top of the worker's footprint;
@@ -184,6 +186,7 @@ class Repl:
         name: str | None = None,
         user: str | None = None,
         password: str | None = None,
+        logins: Mapping[str, tuple[str | None, str | None]] | None = None,
         startup_timeout: float = 30.0,
         inline_limit: int | None = None,
         slots: int | None = None,
@@ -214,6 +217,7 @@ class Repl:
         self._wanted_name = subjects.check_name(name, "REPL name") if name else None
         self.name = ""
         self._user, self._password = user, password
+        self._logins = dict(logins or {})
         self.startup_timeout = startup_timeout
         self._inline_limit = inline_limit
         self.slots = slots
@@ -307,8 +311,8 @@ class Repl:
             session=self.session,
             name=self.name,
             agent=self.agent,
-            user=self._user,
-            password=self._password,
+            user=self._logins.get(self.name, (self._user, self._password))[0],
+            password=self._logins.get(self.name, (self._user, self._password))[1],
             peers=self.peers,
             memory_mb=self.memory_mb,
             output_cap=self.output_cap,
