@@ -576,14 +576,18 @@ class Bus:
         handler: Handler,
         *,
         concurrency: int = DEFAULT_CONCURRENCY,
+        only: Callable[[Call], bool] | None = None,
         task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
         """Answer calls to `peer` until cancelled; up to `concurrency` handlers run at once.
 
         Use as `await tg.start(bus.serve, "critic", handler)`: it returns once subscribed.
         Every process serving the same `peer` joins one queue group: each call goes to one.
+        With `only`, this server sees every call to `peer` instead and answers those `only`
+        accepts, leaving the rest, unseen, to whoever they are for (a REPL worker whose name
+        another process's worker may have taken too).
         """
-        server = _Server(self, peer, handler, concurrency)
+        server = _Server(self, peer, handler, concurrency, only)
         await server.run(task_status)
 
 
@@ -645,10 +649,18 @@ class _Held:
 
 
 class _Server:
-    def __init__(self, bus: Bus, peer: str, handler: Handler, concurrency: int):
+    def __init__(
+        self,
+        bus: Bus,
+        peer: str,
+        handler: Handler,
+        concurrency: int,
+        only: Callable[[Call], bool] | None = None,
+    ):
         self.bus = bus
         self.peer = subjects.check_name(peer, "peer name")
         self.handler = handler
+        self.only = only
         self.limiter = anyio.Semaphore(concurrency)
         # Keyed by (caller, call id): a call id is only unique per caller, and one caller
         # must never attach to, cancel, or be answered from the cache of another's call.
@@ -665,7 +677,7 @@ class _Server:
         subs = [
             await nc.subscribe(
                 subjects.call(session, self.peer, subjects.ANY),
-                queue=self.peer,
+                queue=self.peer if self.only is None else "",
                 cb=self._on_call,
                 pending_msgs_limit=1_000_000,
                 pending_bytes_limit=1 << 30,
@@ -730,6 +742,8 @@ class _Server:
                 ),
             )
             return
+        if self.only is not None and isinstance(call, Call) and not self.only(call):
+            return  # another server's call: it answers (or its absence times the call out)
         failure = self._refusal(call, caller)
         if failure is not None:
             await self._send(reply, encode(failure))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -17,6 +18,8 @@ from agents.rlm import RLMAgent
 from tests.conftest import serving
 
 pytestmark = pytest.mark.anyio
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def code(body: str) -> str:
@@ -159,7 +162,7 @@ async def test_the_pool_shrinks_back_when_idle_and_replaces_a_worker_killed_whil
         lambda m, **_: (
             code('FINAL(rlm.map(["LEVEL 2"] * 3))')
             if "LEVEL" not in m[1]["content"]
-            else code("import os\nFINAL(os.getpid())")
+            else code("import os, time\ntime.sleep(1)\nFINAL(os.getpid())")
         )
     )
     del model
@@ -168,8 +171,8 @@ async def test_the_pool_shrinks_back_when_idle_and_replaces_a_worker_killed_whil
             await agent.warm()
         pool = agent._pool
         assert pool is not None
-        await c.call("root", "fan", timeout=60)
-        assert pool.target == 4
+        first = (await c.call("root", "fan", timeout=60)).value
+        assert pool.target == 4, first
         with anyio.fail_after(30):
             while pool.target != 1 or pool.ready != 1:  # a second idle: back to one
                 await anyio.sleep(0.1)
@@ -182,3 +185,79 @@ async def test_the_pool_shrinks_back_when_idle_and_replaces_a_worker_killed_whil
                 await anyio.sleep(0.05)
         pids = (await c.call("root", "fan", timeout=60)).value
     assert len(set(pids)) == 3 and warm not in pids
+
+
+TWO = '''
+"""One agent, served by two processes (each with its own pool of REPL workers)."""
+from agents.models import FunctionModel
+from council.declare import Agent, Council
+
+council = Council(entry="chair", peers=[Agent("chair", model="echo", concurrency=4)])
+
+
+def _echo(messages, **_):
+    return "```python\\nimport time\\ntime.sleep(0.3)\\nFINAL(context)\\n```"
+
+
+models = {"echo": FunctionModel(_echo)}
+'''
+
+
+async def test_one_agent_served_by_two_processes_keeps_each_request_in_its_own_worker(tmp_path):
+    """Both processes' workers may take the same REPL name; each answers only the calls of
+    the agent that started it, so no request runs in, or reads, another's namespace."""
+    import runpy
+    import subprocess
+    import sys
+
+    from channels.server import running_server
+    from council.declare import load_target
+    from council.session import Session
+
+    file = tmp_path / "two.py"
+    file.write_text(TWO)
+    council = load_target(f"{file}:council")
+    models = runpy.run_path(str(file))["models"]
+    session = "two" + os.urandom(4).hex()
+    root = ROOT
+    with running_server() as server:
+        other = subprocess.Popen(  # noqa: ASYNC220 (started once, before any awaiting)
+            [
+                sys.executable,
+                "-m",
+                "council.cli",
+                "serve",
+                f"{file}:council",
+                "--peer",
+                "chair",
+                "--models",
+                f"{file}:models",
+                "--nats",
+                server.url,
+                "--session",
+                session,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=root,
+        )
+        try:
+            line = other.stdout.readline()  # type: ignore[union-attr]
+            assert "serving" in line, other.stderr.read() if other.poll() is not None else line  # type: ignore[union-attr]
+            async with Session(
+                council, nats_url=server.url, session=session, local=["chair"], models=models
+            ) as s:
+                answers: dict[int, Any] = {}
+
+                async def ask(i: int) -> None:
+                    answers[i] = (await s.ask("echo", context=f"request {i}", timeout=90)).value
+
+                with anyio.fail_after(120):
+                    async with anyio.create_task_group() as tg:
+                        for i in range(16):
+                            tg.start_soon(ask, i)
+        finally:
+            other.terminate()
+            other.wait(timeout=20)
+    assert answers == {i: f"request {i}" for i in range(16)}

@@ -345,9 +345,10 @@ async def test_concurrent_calls_to_one_agent_each_get_a_repl_within_the_rights()
     )
     assert council.slots() == {"solver-repl": 4}
     r = permissions.rights("s1", council.edges(), serves=council.serves(), slots=council.slots())
-    repl = r.for_peer("solver-repl")
-    assert "council.s1.call.solver-repl-4.*" in repl.subscribe
-    assert "council.s1.call.solver-repl-5.*" not in repl.subscribe
+    assert "council.s1.call.solver-repl-4.*" in r.for_peer("solver-repl-4").subscribe
+    assert "council.s1.call.solver-repl-4.*" not in r.for_peer("solver-repl").subscribe
+    with pytest.raises(KeyError):
+        r.for_peer("solver-repl-5")
     assert "council.s1.call.solver-repl-4.solver" in r.for_peer("solver").publish
     before = children()
     async with Session(council, models={"s": FunctionModel(script)}) as s:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import keyword
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -218,6 +219,7 @@ class Repl:
         self.name = ""
         self._user, self._password = user, password
         self._logins = dict(logins or {})
+        self._key = ""  # the running worker's: see WorkerConfig.key
         self.startup_timeout = startup_timeout
         self._inline_limit = inline_limit
         self.slots = slots
@@ -305,6 +307,7 @@ class Repl:
     async def _spawn(self) -> None:
         assert self._bus is not None
         self._workdir = tempfile.mkdtemp(prefix=f"council-repl-{self.agent}-")
+        self._key = secrets.token_hex(8)
         limit = self._limit()
         config = WorkerConfig(
             url=self._url,
@@ -318,6 +321,7 @@ class Repl:
             output_cap=self.output_cap,
             inline_limit=limit,
             parent_pid=os.getpid(),
+            key=self._key,
             sandbox=_sandbox.Policy(
                 workdir=self._workdir, ports=nats_ports(self._url), **self._sandbox_policy
             )
@@ -443,7 +447,7 @@ class Repl:
             context = self.context = await (await self._bus.store()).put(context)
         call = self._bus.make_call(
             self.name,
-            args={"op": "set_context"},
+            args={"op": "set_context", "worker": self._key},
             context=context,
             timeout=self.startup_timeout,
             parent=parent,
@@ -481,7 +485,11 @@ class Repl:
                     notes=["no time was left to run this code (the deadline had passed)"],
                 )
             call = self._bus.make_call(
-                self.name, code, args={"op": "exec"}, timeout=limit, parent=parent
+                self.name,
+                code,
+                args={"op": "exec", "worker": self._key},
+                timeout=limit,
+                parent=parent,
             )
             if parent is not None:  # the hop into our own REPL is not a level of depth
                 call = call.model_copy(update={"depth": parent.depth})
@@ -601,7 +609,9 @@ class Repl:
         async with self._lock:
             await self._ensure()
             assert self._bus is not None
-            reply = await self._bus.call(self.name, args={"op": "stats"}, timeout=10)
+            reply = await self._bus.call(
+                self.name, args={"op": "stats", "worker": self._key}, timeout=10
+            )
         return WorkerStats.model_validate(reply.value)
 
     def _log_tail(self, n: int = 4_000) -> str:

@@ -76,8 +76,9 @@ class WorkerPool:
                 while True:
                     with anyio.move_on_after(self.idle if self._held == 0 else None):
                         await self._refill.wait()
-                    if not self._refill.is_set():  # idle: shrink back to the minimum
-                        self._shrink()
+                    if not self._refill.is_set():  # quiet for a while: if idle, shrink
+                        if self._held == 0:
+                            self._shrink()
                         continue
                     self._refill = anyio.Event()
                     if self._held and self.ready:

@@ -140,6 +140,11 @@ class WorkerConfig(BaseModel):
         default=None, description="bytes over which a value is stored and sent as a Ref"
     )
     parent_pid: int | None = None
+    key: str = Field(
+        default="",
+        description="answer only calls whose args carry this `worker` key: two processes "
+        "serving one agent may each start a worker under the same REPL name",
+    )
     sandbox: Policy | None = Field(
         default=None, description="sandbox the worker with this policy before running code"
     )

@@ -504,7 +504,16 @@ async def serve(config: WorkerConfig, sandboxed: dict[str, Any] | None = None) -
     worker.stats.sandbox = sandboxed
     sys.stdout, sys.stderr, sys.stdin = worker.stdout, worker.stderr, NoInput()
     async with anyio.create_task_group() as tg:
-        await tg.start(partial(bus.serve, config.name, worker.handle, concurrency=16))
+        key = config.key
+        await tg.start(
+            partial(
+                bus.serve,
+                config.name,
+                worker.handle,
+                concurrency=16,
+                only=(lambda call: call.args.get("worker") == key) if key else None,
+            )
+        )
         worker.stats.memory_limit = _limit_memory(config.memory_mb)
         os.write(1, b"ready\n")
         # From here on, anything written to fd 1 below Python (C code, child processes) is
