@@ -155,6 +155,8 @@ class Bus:
         self._connected = True
         self._reconnected = -inf
         self._subjects: dict[tuple[str, str], str] = {}  # (session, callee) -> call subject
+        self._served_until: dict[tuple[str, str], float] = {}  # callees seen serving
+        self._probing: set[tuple[str, str]] = set()
 
     @classmethod
     async def connect(
@@ -384,6 +386,7 @@ class Bus:
                     call_id=call.id,
                     callee=call.callee,
                 ) from None
+            self._presence(call.session, call.callee)
             msg = await p.future
         except CallTimeout:
             await self._cancel(call, "caller timed out")
@@ -447,6 +450,30 @@ class Bus:
             p.acked = True
         else:
             p.future.set_result(msg)
+
+    def _presence(self, session: str, callee: str) -> None:
+        """Ask, at most once a heartbeat per callee, whether anyone serves it. Its calls
+        would tell on their own (the server answers "no responders"), but not while a
+        recorder or progress view listens on the whole session: then only this does."""
+        key = (session, callee)
+        if key in self._probing or self._served_until.get(key, -inf) > time.monotonic():
+            return
+        self._probing.add(key)
+        self._spawn(self._probe(key))
+
+    async def _probe(self, key: tuple[str, str]) -> None:
+        try:
+            await self.nc.request(subjects.presence(*key), b"", timeout=self.heartbeat)
+        except nats.errors.NoRespondersError:
+            for p in list(self._pending.values()):
+                if (p.call.session, p.call.callee) == key and not p.future.done():
+                    self._nobody_serves(p)
+        except Exception:  # slow, or reconnecting: the heartbeat watch still judges
+            pass
+        else:
+            self._served_until[key] = time.monotonic() + self.heartbeat
+        finally:
+            self._probing.discard(key)
 
     def _nobody_serves(self, p: _Pending) -> None:
         """No process subscribes to the callee's calls (the server said so at once)."""
@@ -685,6 +712,9 @@ class _Server:
             await nc.subscribe(
                 subjects.cancel(session, self.peer, subjects.ANY), cb=self._on_cancel
             ),
+            await nc.subscribe(
+                subjects.presence(session, self.peer), queue=self.peer, cb=self._on_presence
+            ),
         ]
         try:
             await settle(nc)
@@ -799,6 +829,10 @@ class _Server:
         data = encode(Working(id=held.call.id))
         for reply in held.replies:
             self._spawn(self._send(reply, data))
+
+    async def _on_presence(self, msg: Msg) -> None:
+        if msg.reply and msg.reply.startswith(f"_INBOX.{self.bus.session}."):
+            await self._send(msg.reply, b"")
 
     async def _on_cancel(self, msg: Msg) -> None:
         try:

@@ -289,9 +289,11 @@ def peer_subjects(
     names, callees = sorted(set(names)), sorted(set(callees))
     publish = [subjects.call(session, c, n) for c in callees for n in names]
     publish += [subjects.cancel(session, c, n) for c in callees for n in names]
+    publish += [subjects.presence(session, c) for c in callees]
     publish += [f"{subjects.inbox_prefix(session, k)}.>" for k in sorted(set(callers))]
     publish += [subjects.events(session, n) for n in names]
     subscribe = [subjects.call(session, n, subjects.ANY) for n in names]
+    subscribe += [subjects.presence(session, n) for n in names]
     subscribe += [subjects.cancel(session, n, subjects.ANY) for n in names]
     subscribe += [f"{subjects.inbox_prefix(session, n)}.>" for n in names]
     if store:

@@ -6,6 +6,11 @@ Layout (one session is one namespace, so permissions and cleanup are per session
     council.<session>.cancel.<callee>.<caller>   a caller giving up on a call
     council.<session>.event.<peer>.<type>        fire-and-forget events
     _INBOX.<session>.<peer>.>                    the reply inbox of a peer's connection
+    council-here.<session>.<peer>                "is anyone serving <peer>?" (queue group)
+
+Presence sits outside `council.<session>.>` on purpose: a recorder or progress view
+listening on the whole session also hears calls to a peer nobody serves, so the server no
+longer answers such a call with "no responders"; nothing but servers listens here.
 
 The caller's name is the last token of a call so that the server, which lets each user
 publish only with its own names there, vouches for who called: a callee believes the
@@ -92,6 +97,10 @@ def events(session: str, peer: str = "*") -> str:
     """Wildcard for every event of a session (or of one peer)."""
     peer = peer if peer == "*" else check_name(peer, "peer name")
     return f"{PREFIX}.{check_name(session, 'session')}.event.{peer}.*"
+
+
+def presence(session: str, peer: str) -> str:
+    return f"{PREFIX}-here.{check_name(session, 'session')}.{check_name(peer, 'peer name')}"
 
 
 def session_wildcard(session: str) -> str:
