@@ -264,7 +264,17 @@ class Worker:
             sem = self.limits[peer.name] = asyncio.Semaphore(peer.concurrency)
         return sem
 
-    async def call(self, peer: PeerInfo, prompt: str, context: Any, args: dict[str, Any]) -> Any:
+    async def call(
+        self,
+        peer: PeerInfo,
+        prompt: str,
+        context: Any,
+        args: dict[str, Any],
+        *,
+        batched: bool = False,
+    ) -> Any:
+        """One call from code, within the budget and the peer's limit; `batched` (a fan-out's
+        items) lets it share a bus message with the calls to the same peer sent alongside."""
         parent = self.parent
         if parent is not None and parent.budget is not None:
             if parent.budget.after(self.spent).exhausted:
@@ -291,7 +301,7 @@ class Worker:
                     call = call.model_copy(update={"budget": parent.budget.after(self.spent)})
                 self.stats.calls += 1
                 try:
-                    reply = await self.bus.send(call)
+                    reply = await self.bus.send(call, batched=batched)
                 except CallFailed as e:
                     if e.usage is not None:
                         self.spent = self.spent + e.usage
@@ -308,7 +318,7 @@ class Worker:
         if not items:
             return []
         loop = asyncio.get_running_loop()
-        tasks = [loop.create_task(self.call(*item)) for item in items]
+        tasks = [loop.create_task(self.call(*item, batched=True)) for item in items]
         try:
             if raise_errors:
                 pending = set(tasks)
