@@ -14,6 +14,13 @@ when the re-send meets silence too. Every pending call is re-sent when the conne
 back (a call published into a dying connection is otherwise lost). Re-sending is safe
 because a callee de-duplicates on the call id: a call it holds gets the new reply subject
 attached, a call it answered is answered again from a bounded cache, never run twice.
+
+Batches: a fan-out's calls (`send(..., batched=True)`) to one callee that are sent in one loop
+turn leave as one `Batch` message on the call subject they would each use, so a `.map` of
+hundreds of calls costs a handful of messages and no wait. Only the trip out is shared: the
+callee takes each item in as if it had come alone (refusals, de-duplication, its concurrency
+limit, `Working`, cancel, one answer to the item's own reply subject), and the caller's
+watch, re-sends and cancels stay per call (a re-send goes alone).
 """
 
 from __future__ import annotations

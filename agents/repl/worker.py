@@ -314,7 +314,10 @@ class Worker:
     async def fan_out(
         self, items: list[tuple[PeerInfo, str, Any, dict[str, Any]]], *, raise_errors: bool
     ) -> list[Any]:
-        """Every item in flight at once (each peer's limit permitting), answers in order."""
+        """Every item in flight at once (each peer's limit permitting), answers in order.
+
+        The items are sent batched: those that get their peer's slot in the same loop turn
+        share one bus message (a 300-item map is a handful), each still its own call."""
         if not items:
             return []
         loop = asyncio.get_running_loop()
