@@ -397,7 +397,10 @@ class Bus:
             else:
                 try:
                     await self.nc.publish(subject, data, reply=p.reply)
-                except nats.errors.Error as e:
+                except (
+                    nats.errors.ConnectionClosedError,
+                    nats.errors.OutboundBufferLimitError,
+                ) as e:
                     raise _not_sent(e, call) from None
             msg = await p.future
         except CallTimeout:
@@ -455,7 +458,7 @@ class Bus:
                     p.batch = chunk
             try:
                 await self.nc.publish(subject, data, reply=first.reply)
-            except nats.errors.Error as e:
+            except nats.errors.Error as e:  # no caller awaits this task: each item is told
                 for p in chunk:
                     p.fail(_not_sent(e, p.call))
 

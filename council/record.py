@@ -50,7 +50,7 @@ _log = log.get("council.record")
 _ANSWER_PREFIXES = (b'{"type":"reply"', b'{"type":"failure"')
 _VERB_KIND = {"call": "call", "cancel": "cancel", "event": "event"}
 _MESSAGE_TYPES = {
-    "call": {"call", "batch"},
+    "call": {"call"},
     "cancel": {"cancel"},
     "event": {"step", "completion", "execution", "log"},
     "answer": {"reply", "failure"},
