@@ -3,7 +3,8 @@
 Prints sequential round-trip p50/p99, the CPU time this process spends per sequential call
 (caller and callee both live here; on a loaded machine CPU time moves far less than wall
 time, so it is the steadier figure to compare runs by), and throughput with many calls in
-flight; the last line is one JSON object with the figures and the ratios.
+flight, sent one message per call and batched as a `.map` sends them (`Bus.send(batched=True)`:
+up to 64 calls a message); the last line is one JSON object with the figures and the ratios.
 """
 
 from __future__ import annotations
@@ -68,13 +69,17 @@ async def main(n_seq: int, n_par: int, rounds: int) -> dict[str, float]:
             async def bus_call() -> None:
                 await client.call("echo", "ping", timeout=30)
 
+            async def batched_call() -> None:
+                await client.send(client.make_call("echo", "ping", timeout=30), batched=True)
+
             async def raw_call() -> None:
                 await client.nc.request("raw.echo", b"ping" * 40, timeout=30)
 
             # warm up both paths
             await sequential(bus_call, 200)
             await sequential(raw_call, 200)
-            bus_seq, raw_seq, bus_tp, raw_tp = [], [], [], []
+            await in_flight(batched_call, 200)
+            bus_seq, raw_seq, bus_tp, raw_tp, batched_tp = [], [], [], [], []
             bus_cpu: list[float] = []
             raw_cpu: list[float] = []
             for r in range(rounds):  # interleave so noise hits both alike
@@ -82,6 +87,7 @@ async def main(n_seq: int, n_par: int, rounds: int) -> dict[str, float]:
                 raw_seq += await sequential(raw_call, n_seq, raw_cpu)
                 bus_tp.append(await in_flight(bus_call, n_par))
                 raw_tp.append(await in_flight(raw_call, n_par))
+                batched_tp.append(await in_flight(batched_call, n_par))
                 print(f"round {r + 1}/{rounds} done", flush=True)
             tg.cancel_scope.cancel()
         for b in (server, client, raw_srv):
@@ -96,11 +102,14 @@ async def main(n_seq: int, n_par: int, rounds: int) -> dict[str, float]:
         "raw_cpu_us_per_call": statistics.median(raw_cpu) * 1e6,
         "bus_calls_per_s": statistics.median(bus_tp),
         "raw_calls_per_s": statistics.median(raw_tp),
+        "batched_calls_per_s": statistics.median(batched_tp),
         "in_flight": n_par,
     }
     fig["p50_ratio_bus_over_raw"] = fig["bus_p50_us"] / fig["raw_p50_us"]
     fig["cpu_ratio_bus_over_raw"] = fig["bus_cpu_us_per_call"] / fig["raw_cpu_us_per_call"]
     fig["throughput_ratio_bus_over_raw"] = fig["bus_calls_per_s"] / fig["raw_calls_per_s"]
+    fig["throughput_ratio_batched_over_bus"] = fig["batched_calls_per_s"] / fig["bus_calls_per_s"]
+    fig["throughput_ratio_batched_over_raw"] = fig["batched_calls_per_s"] / fig["raw_calls_per_s"]
     fig = {k: round(v, 3) for k, v in fig.items()}
     print(
         f"Bus.call   p50 {fig['bus_p50_us']:8.1f} us   p99 {fig['bus_p99_us']:8.1f} us   "
@@ -109,6 +118,11 @@ async def main(n_seq: int, n_par: int, rounds: int) -> dict[str, float]:
     print(
         f"raw nats   p50 {fig['raw_p50_us']:8.1f} us   p99 {fig['raw_p99_us']:8.1f} us   "
         f"{fig['raw_calls_per_s']:8.0f} calls/s with {n_par} in flight"
+    )
+    print(
+        f"batched    {fig['batched_calls_per_s']:8.0f} calls/s with {n_par} in flight "
+        f"({fig['throughput_ratio_batched_over_bus']:.2f}x one message per call, "
+        f"{fig['throughput_ratio_batched_over_raw']:.2f}x raw)"
     )
     print(
         f"ratio p50 {fig['p50_ratio_bus_over_raw']:.2f}x, CPU per call "

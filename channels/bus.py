@@ -14,6 +14,13 @@ when the re-send meets silence too. Every pending call is re-sent when the conne
 back (a call published into a dying connection is otherwise lost). Re-sending is safe
 because a callee de-duplicates on the call id: a call it holds gets the new reply subject
 attached, a call it answered is answered again from a bounded cache, never run twice.
+
+Batches: a fan-out's calls (`send(..., batched=True)`) to one callee that are sent in one loop
+turn leave as one `Batch` message on the call subject they would each use, so a `.map` of
+hundreds of calls costs a handful of messages and no wait. Only the trip out is shared: the
+callee takes each item in as if it had come alone (refusals, de-duplication, its concurrency
+limit, `Working`, cancel, one answer to the item's own reply subject), and the caller's
+watch, re-sends and cancels stay per call (a re-send goes alone).
 """
 
 from __future__ import annotations
@@ -44,6 +51,9 @@ from channels.errors import (
     error_for,
 )
 from channels.messages import (
+    BATCH_CALLS,
+    Addressed,
+    Batch,
     Call,
     Cancel,
     Event,
@@ -70,6 +80,12 @@ DEFAULT_CONCURRENCY = 64
 SPILL_THRESHOLD = 256 * 1024
 """A Call or Reply that would encode bigger than this sends its big values as store Refs:
 well under the default max_payload (1 MiB), so a message never gets near the limit."""
+
+BATCH_BYTES = 200 * 1024
+"""Encoded bytes of calls one `Batch` carries at most (a call bigger than this goes alone):
+with the spill threshold, a batch stays far under the default max_payload (1 MiB)."""
+BATCH_ITEM_OVERHEAD = 32
+"""Bytes a batch adds per call besides the call and its reply subject (keys, quotes)."""
 
 HEARTBEAT = 2.0
 """Seconds between a callee's `Working` signals (the caller's setting travels in the call).
@@ -147,7 +163,7 @@ class Bus:
         # message, a heartbeat, as the answer).
         self._inbox: str | None = None
         self._inbox_cut = 0  # len(inbox) + 1: where a reply subject's call token starts
-        self._inbox_lock: anyio.Lock | None = None
+        self._inbox_opening: anyio.Event | None = None  # set once a call's opening is over
         self._pending: dict[str, _Pending] = {}
         self._next_token = 0
         self._watch: asyncio.TimerHandle | None = None
@@ -157,6 +173,7 @@ class Bus:
         self._subjects: dict[tuple[str, str], str] = {}  # (session, callee) -> call subject
         self._served_until: dict[tuple[str, str], float] = {}  # callees seen serving
         self._probing: set[tuple[str, str]] = set()
+        self._outbox: dict[str, list[_Pending]] = {}  # call subject -> batched calls to send
 
     @classmethod
     async def connect(
@@ -329,7 +346,7 @@ class Bus:
             keep_refs=keep_refs,
         )
 
-    async def send(self, call: Call, *, keep_refs: bool = False) -> Reply:
+    async def send(self, call: Call, *, keep_refs: bool = False, batched: bool = False) -> Reply:
         """Send a prepared `Call`; return its `Reply` or raise the failure's typed error.
 
         The call goes out under this bus's own name (the subject says who calls, and a
@@ -337,6 +354,10 @@ class Bus:
         A call bigger than `spill_threshold` travels with its context (then its biggest args)
         as store Refs. A reply the callee's bus spilled is read back from the store, unless
         `keep_refs` (then `reply.value` is the Ref and `reply.spilled` is True).
+
+        `batched` (a fan-out's items) lets the call leave at the end of this loop turn in one
+        `Batch` message with the other batched calls to the same callee sent in that turn;
+        everything else about it (liveness, re-sends, cancel, its answer) is its own.
         """
         if call.caller != self.name or call.heartbeat is None:
             call = call.model_copy(
@@ -373,19 +394,16 @@ class Bus:
         if self._watch is None:
             self._watch = loop.call_later(self.heartbeat / 4, self._check)
         try:
-            try:
-                await self.nc.publish(subject, data, reply=p.reply)
-            except nats.errors.ConnectionClosedError:
-                raise Unavailable(
-                    "the bus connection is closed", call_id=call.id, callee=call.callee
-                ) from None
-            except nats.errors.OutboundBufferLimitError:
-                raise Unavailable(
-                    "disconnected from NATS and the outgoing buffer is full; retry once the "
-                    "connection is back",
-                    call_id=call.id,
-                    callee=call.callee,
-                ) from None
+            if batched:
+                self._enqueue(p)
+            else:
+                try:
+                    await self.nc.publish(subject, data, reply=p.reply)
+                except (
+                    nats.errors.ConnectionClosedError,
+                    nats.errors.OutboundBufferLimitError,
+                ) as e:
+                    raise _not_sent(e, call) from None
             self._presence(call.session, call.callee)
             msg = await p.future
         except CallTimeout:
@@ -420,23 +438,58 @@ class Bus:
             answer = answer.model_copy(update={"value": value, "spilled": False})
         return answer
 
+    def _enqueue(self, p: _Pending) -> None:
+        """Hold a batched call until the end of this loop turn: the calls a fan-out sends in
+        one turn leave together, and none waits for more than that turn."""
+        box = self._outbox.get(p.subject)
+        if box is None:
+            box = self._outbox[p.subject] = []
+            self._spawn(self._flush(p.subject))
+        box.append(p)
+
+    async def _flush(self, subject: str) -> None:
+        """Publish the calls held for `subject`, as few messages as the batch limits allow."""
+        held = [p for p in self._outbox.pop(subject, ()) if not p.future.done()]
+        budget = min(BATCH_BYTES, self.nc.max_payload // 2)
+        for chunk in _chunks(held, budget):
+            first = chunk[0]
+            if len(chunk) == 1:
+                data = first.data
+            else:
+                data = encode(Batch(calls=[Addressed(reply=p.reply, call=p.call) for p in chunk]))
+                for p in chunk:
+                    p.batch = chunk
+            try:
+                await self.nc.publish(subject, data, reply=first.reply)
+            except nats.errors.Error as e:  # no caller awaits this task: each item is told
+                for p in chunk:
+                    p.fail(_not_sent(e, p.call))
+
     async def _open_inbox(self) -> str:
-        if self._inbox_lock is None:
-            self._inbox_lock = anyio.Lock()
-        async with self._inbox_lock:
-            if self._inbox is None:
-                inbox = self.nc.new_inbox()
-                # Subscribed before the first call is published on the same connection, so
-                # the server has it before any answer can come: no flush needed.
-                await self.nc.subscribe(
-                    inbox + ".*",
-                    cb=self._on_answer,
-                    pending_msgs_limit=1_000_000,
-                    pending_bytes_limit=1 << 30,
-                )
-                self._inbox_cut = len(inbox) + 1
-                self._inbox = inbox
-        return self._inbox
+        """Subscribe this bus's one reply inbox, once. The calls that wait for it (a fan-out's
+        first items) wake together, not one per loop turn as a lock would let them, so they
+        still leave in one batch."""
+        opening = self._inbox_opening
+        if opening is not None:
+            await opening.wait()
+            return self._inbox or await self._open_inbox()  # the opener failed: try again
+        self._inbox_opening = opening = anyio.Event()
+        try:
+            inbox = self.nc.new_inbox()
+            # Subscribed before the first call is published on the same connection, so the
+            # server has it before any answer can come: no flush needed.
+            await self.nc.subscribe(
+                inbox + ".*",
+                cb=self._on_answer,
+                pending_msgs_limit=1_000_000,
+                pending_bytes_limit=1 << 30,
+            )
+            self._inbox_cut = len(inbox) + 1
+            self._inbox = inbox
+        finally:
+            self._inbox_opening = None
+            opening.set()
+        return inbox
 
     async def _on_answer(self, msg: Msg) -> None:
         p = self._pending.get(msg.subject[self._inbox_cut :])
@@ -444,7 +497,9 @@ class Bus:
             return  # an answer to a call given up on, or a duplicate after a re-send
         data = msg.data
         if not data and msg.headers and msg.headers.get("Status") == _NO_RESPONDERS:
-            self._nobody_serves(p)
+            for q in p.batch or (p,):  # a batch's message is answered on its first item's
+                if not q.future.done():
+                    self._nobody_serves(q)
         elif data.startswith(_WORKING):
             p.heard = time.monotonic()
             p.acked = True
@@ -618,6 +673,38 @@ class Bus:
         await server.run(task_status)
 
 
+def _not_sent(e: nats.errors.Error, call: Call) -> CallFailed:
+    """The typed error for a call NATS would not take."""
+    if isinstance(e, nats.errors.OutboundBufferLimitError):
+        return Unavailable(
+            "disconnected from NATS and the outgoing buffer is full; retry once the "
+            "connection is back",
+            call_id=call.id,
+            callee=call.callee,
+        )
+    if isinstance(e, nats.errors.ConnectionClosedError):
+        return Unavailable("the bus connection is closed", call_id=call.id, callee=call.callee)
+    return Unavailable(f"the call could not be published: {e}", call_id=call.id, callee=call.callee)
+
+
+def _chunks(held: list[_Pending], budget: int) -> list[list[_Pending]]:
+    """Calls in send order, cut into runs of at most BATCH_CALLS calls and `budget` encoded
+    bytes; a call bigger than the budget is a run of its own (sent as a single call)."""
+    chunks: list[list[_Pending]] = []
+    run: list[_Pending] = []
+    size = 0
+    for p in held:
+        n = len(p.data) + len(p.reply) + BATCH_ITEM_OVERHEAD
+        if run and (len(run) >= BATCH_CALLS or size + n > budget):
+            chunks.append(run)
+            run, size = [], 0
+        run.append(p)
+        size += n
+    if run:
+        chunks.append(run)
+    return chunks
+
+
 def _json_bytes(value: Any) -> bytes:
     return to_json(value, by_alias=True)
 
@@ -627,7 +714,7 @@ class _Pending:
 
     __slots__ = (
         *("call", "subject", "data", "reply", "future", "timer"),
-        *("beat", "heard", "asked", "acked"),
+        *("beat", "heard", "asked", "acked", "batch"),
     )
 
     def __init__(
@@ -646,6 +733,7 @@ class _Pending:
         self.heard = time.monotonic()  # the last sign of the callee (or when it was sent)
         self.asked = 0.0  # when it was last re-sent for silence (0: never)
         self.acked = False  # the callee has said it holds the call
+        self.batch: list[_Pending] | None = None  # the calls that left in one message with it
 
     def fail(self, error: CallFailed) -> None:
         if not self.future.done():
@@ -748,23 +836,14 @@ class _Server:
         # nats-py awaits this inline, one message at a time: take the call in and hand it
         # off; never wait here, so every held call is acknowledged and heartbeaten.
         caller = msg.subject.rpartition(".")[2]
-        reply = msg.reply
-        if not subjects.is_reply_to(reply, self.bus.session, caller):
-            # Answering would publish for someone else: refuse, and say so in the log.
-            self.log.warning(
-                "call.refused",
-                kind="bad_request",
-                caller=caller,
-                reply=reply or None,
-                reason="the reply subject is not in the caller's inbox",
-            )
+        if not self._answerable(msg.reply, caller):
             return
         try:
-            call = decode(msg.data)
+            message = decode(msg.data)
         except MalformedMessage as e:
             self.log.warning("call.malformed", caller=caller, reason=str(e))
             await self._send(
-                reply,
+                msg.reply,
                 encode(
                     Failure(
                         kind="bad_request", message=f"{self.peer!r} could not read the request: {e}"
@@ -772,6 +851,30 @@ class _Server:
                 ),
             )
             return
+        if not isinstance(message, Batch):
+            await self._take(message, caller, msg.reply)
+            return
+        # Each item exactly as if it had come alone, with its own reply subject.
+        for item in message.calls:
+            if self._answerable(item.reply, caller):
+                await self._take(item.call, caller, item.reply)
+
+    def _answerable(self, reply: str | None, caller: str) -> bool:
+        """Whether answering `reply` publishes only to the caller named by the subject."""
+        if subjects.is_reply_to(reply, self.bus.session, caller):
+            return True
+        # Answering would publish for someone else: refuse, and say so in the log.
+        self.log.warning(
+            "call.refused",
+            kind="bad_request",
+            caller=caller,
+            reply=reply or None,
+            reason="the reply subject is not in the caller's inbox",
+        )
+        return False
+
+    async def _take(self, call: Any, caller: str, reply: str) -> None:
+        """Take in one call (alone or from a batch): refuse, answer again, attach, or hold."""
         if self.only is not None and isinstance(call, Call) and not self.only(call):
             return  # another server's call: it answers (or its absence times the call out)
         failure = self._refusal(call, caller)

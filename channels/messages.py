@@ -178,6 +178,32 @@ class Call(_Model):
         return self.deadline - (time.time() if now is None else now)
 
 
+BATCH_CALLS = 64
+"""The most calls one `Batch` carries: a batch is cheap to split, and a callee that unpacks
+it takes every item in before it answers any, so a bound keeps the first answers early."""
+
+
+class Addressed(_Model):
+    """One call of a `Batch` with the reply subject its answers go to (what a single call's
+    NATS reply subject says), so each item is answered, heard and cancelled on its own."""
+
+    reply: str
+    call: Call
+
+
+class Batch(_Model):
+    """Calls from one caller to one callee in one message (a `.map` fan-out).
+
+    It travels on the call subject those calls would each use, so rights and the caller's
+    identity are the subject's as for a single call; the callee takes in every item as if it
+    had arrived alone, and a listener (recorder, events, progress) sees the calls via
+    `unbatched`. The NATS reply subject of the message is its first item's."""
+
+    type: Literal["batch"] = "batch"
+    v: int = SCHEMA_VERSION
+    calls: list[Addressed] = Field(min_length=1, max_length=BATCH_CALLS)
+
+
 class Reply(_Model):
     type: Literal["reply"] = "reply"
     v: int = SCHEMA_VERSION
@@ -261,7 +287,7 @@ class Log(_Event):
 
 Event: TypeAlias = Step | Completion | Execution | Log
 Message: TypeAlias = Annotated[
-    Call | Reply | Failure | Working | Cancel | Step | Completion | Execution | Log,
+    Call | Batch | Reply | Failure | Working | Cancel | Step | Completion | Execution | Log,
     Field(discriminator="type"),
 ]
 
@@ -288,6 +314,14 @@ def decode(data: bytes | str) -> Message:
             "run the same rlm-council version on both ends"
         )
     return msg
+
+
+def unbatched(msg: Message) -> list[Message]:
+    """The calls a batch carries, or the message itself: what a listener on the bus handles
+    one by one, so a batched fan-out reads exactly as the single calls it stands for."""
+    if isinstance(msg, Batch):
+        return [item.call for item in msg.calls]
+    return [msg]
 
 
 def _explain(data: bytes | str, e: ValidationError) -> str:

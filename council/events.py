@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from channels import log, subjects
 from channels.errors import MalformedMessage
 from channels.messages import (
+    Batch,
     Call,
     Completion,
     Execution,
@@ -208,6 +209,8 @@ class Translator:
             return self._unknown(data, at)
         if isinstance(msg, Call):
             return self._call(msg, at)
+        if isinstance(msg, Batch):
+            return [e for item in msg.calls for e in self._call(item.call, at)]
         if isinstance(msg, Reply | Failure):
             return self._answer(msg, at)
         base = {"session": self.session, "ts": at, "call": getattr(msg, "call", None)}

@@ -57,6 +57,7 @@ from channels.messages import (
     Reply,
     Step,
     decode,
+    unbatched,
 )
 from channels.natsio import settle, unsubscribe
 
@@ -634,7 +635,8 @@ async def watch(
                 msg = decode(data)
             except MalformedMessage:
                 continue
-            lines += state.apply(msg, at)
+            for one in unbatched(msg):
+                lines += state.apply(one, at)
         if queue.dropped != state.dropped:
             lines.append(
                 f"{time.time() - state.started:7.2f}s  {'progress':<16} "

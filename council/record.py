@@ -407,9 +407,22 @@ class _Writer:
         elif not isinstance(mtype, str):
             self.dropped += 1
             return
+        if kind == "call" and mtype == "batch":
+            # One entry per call, as if each had come alone: the cassette, its replay and
+            # its trace never see how the calls travelled.
+            calls = _batched_calls(obj)
+            if calls is None:
+                self.dropped += 1  # a malformed batch: the callee refused it too
+                return
+            for call in calls:
+                self._entry("call", subject, call, _compact(call), t)
+            return
         # A type this version does not know, on a council subject, is kept: a reader shows it
         # as unknown (a newer peer's message), never fails on it.
-        kind = kind or mtype
+        self._entry(kind or mtype, subject, obj, data, t)
+
+    def _entry(self, kind: str, subject: str, obj: Any, data: bytes, t: float) -> None:
+        """Write one message: `obj` parsed from `data`, its bytes as received."""
         if kind == "call":
             self.calls += 1
         if b'"$ref"' in data:
@@ -419,7 +432,7 @@ class _Writer:
             if masked is not obj:
                 obj, data = masked, b""
         if not data or b"\n" in data:  # one record a line (a hand-made sender pretty-prints)
-            data = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+            data = _compact(obj)
         head = b'{"kind":"%s","seq":%d,"t":%r,"subject":%s,' % (
             kind.encode(),
             self.count,
@@ -454,6 +467,21 @@ def _masked(kind: str, data: bytes) -> bytes:
     if kind == "json":
         return redact.json_bytes(data)
     return redact.text(data.decode("utf-8", "replace")).encode()
+
+
+def _compact(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _batched_calls(obj: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The calls of a batch message as received (None if it is not shaped as one)."""
+    items = obj.get("calls")
+    if not isinstance(items, list) or not items:
+        return None
+    calls = [item.get("call") if isinstance(item, dict) else None for item in items]
+    if not all(isinstance(c, dict) and c.get("type") == "call" for c in calls):
+        return None
+    return calls  # type: ignore[return-value]
 
 
 def _collect_refs(obj: Any, out: dict[str, dict[str, Any]]) -> None:

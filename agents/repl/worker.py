@@ -264,7 +264,17 @@ class Worker:
             sem = self.limits[peer.name] = asyncio.Semaphore(peer.concurrency)
         return sem
 
-    async def call(self, peer: PeerInfo, prompt: str, context: Any, args: dict[str, Any]) -> Any:
+    async def call(
+        self,
+        peer: PeerInfo,
+        prompt: str,
+        context: Any,
+        args: dict[str, Any],
+        *,
+        batched: bool = False,
+    ) -> Any:
+        """One call from code, within the budget and the peer's limit; `batched` (a fan-out's
+        items) lets it share a bus message with the calls to the same peer sent alongside."""
         parent = self.parent
         if parent is not None and parent.budget is not None:
             if parent.budget.after(self.spent).exhausted:
@@ -291,7 +301,7 @@ class Worker:
                     call = call.model_copy(update={"budget": parent.budget.after(self.spent)})
                 self.stats.calls += 1
                 try:
-                    reply = await self.bus.send(call)
+                    reply = await self.bus.send(call, batched=batched)
                 except CallFailed as e:
                     if e.usage is not None:
                         self.spent = self.spent + e.usage
@@ -304,11 +314,14 @@ class Worker:
     async def fan_out(
         self, items: list[tuple[PeerInfo, str, Any, dict[str, Any]]], *, raise_errors: bool
     ) -> list[Any]:
-        """Every item in flight at once (each peer's limit permitting), answers in order."""
+        """Every item in flight at once (each peer's limit permitting), answers in order.
+
+        The items are sent batched: those that get their peer's slot in the same loop turn
+        share one bus message (a 300-item map is a handful), each still its own call."""
         if not items:
             return []
         loop = asyncio.get_running_loop()
-        tasks = [loop.create_task(self.call(*item)) for item in items]
+        tasks = [loop.create_task(self.call(*item, batched=True)) for item in items]
         try:
             if raise_errors:
                 pending = set(tasks)
