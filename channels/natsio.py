@@ -21,7 +21,7 @@ async def settle(nc: NATS) -> None:
     await nc.flush()
 
 
-async def drain(subs: Iterable[Subscription], timeout: float = 2.0) -> None:
+async def drain(subs: Iterable[Subscription], timeout: float = 10.0) -> None:
     """Drop subscriptions after handling what the server had already routed to them: a
     listener closing just after the answer it should record reached its neighbour would
     otherwise lose it. Bounded, shielded, and quiet when the connection is already gone."""

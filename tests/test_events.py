@@ -169,7 +169,7 @@ async def test_an_unknown_event_type_arrives_as_other_and_the_stream_ends_with_t
 async def test_closing_the_stream_keeps_what_the_server_already_sent_it():
     """A listener that closes just after an answer reached its neighbour still gets that
     answer (telemetry once exported a finished call as `unfinished` this way)."""
-    n = 2000
+    n = 1000
     async with Session(COUNCIL, models=models(), humans={"ada": ScriptedHuman("ada", [])}) as s:
         events = await s.events(buffer=n + 10).start()
         for i in range(n):
