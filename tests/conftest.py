@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -16,6 +19,8 @@ from channels.bus import Bus
 from channels.cluster import NatsCluster, running_cluster
 from channels.server import NatsServer, running_server
 from channels.store import Store
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="session")
@@ -91,6 +96,30 @@ async def serving(nats_url: str, session: str, *peers: Any) -> AsyncIterator[Bus
             tg.cancel_scope.cancel()
     for bus in buses:
         await bus.close()
+
+
+@contextmanager
+def serving_elsewhere(
+    target: str, peer: str, nats_url: str, session: str, *extra: str, env: dict[str, str]
+) -> Iterator[subprocess.Popen[str]]:
+    """`council serve target --peer peer` in a process of its own, from the moment it says it
+    serves until the block ends; then stopped with SIGTERM (its exit code is `returncode`)."""
+    argv = ["serve", target, "--peer", peer, "--nats", nats_url, "--session", session, *extra]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "council.cli", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
+    try:
+        line = proc.stdout.readline() if proc.stdout else ""
+        assert "serving" in line, proc.stderr.read() if proc.poll() is not None else line
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
 
 
 _provisioned: set[tuple[str, str]] = set()

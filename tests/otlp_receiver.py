@@ -10,8 +10,9 @@ import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from tests.scripted_http import loopback_http
 
 
 @dataclass
@@ -47,41 +48,24 @@ def otlp_receiver() -> Iterator[tuple[str, Received]]:
     got = Received()
     lock = threading.Lock()
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            encoding = self.headers.get("Content-Encoding", "")
-            if encoding == "gzip":
-                body = gzip.decompress(body)
-            elif encoding == "deflate":
-                body = zlib.decompress(body)
-            if self.path != "/v1/traces":
-                self.send_response(404)
-                self.end_headers()
-                return
-            request = ExportTraceServiceRequest()
-            request.ParseFromString(body)
-            with lock:
-                got.requests += 1
-                for rs in request.resource_spans:
-                    got.resources.append(attributes(rs.resource))
-                    for ss in rs.scope_spans:
-                        got.spans.extend(ss.spans)
-            reply = ExportTraceServiceResponse().SerializeToString()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/x-protobuf")
-            self.send_header("Content-Length", str(len(reply)))
-            self.end_headers()
-            self.wfile.write(reply)
+    def handle(path: str, headers: dict[str, str], body: bytes) -> tuple[int, dict, bytes]:
+        if path != "/v1/traces":
+            return 404, {}, b""
+        encoding = headers.get("content-encoding", "")
+        if encoding == "gzip":
+            body = gzip.decompress(body)
+        elif encoding == "deflate":
+            body = zlib.decompress(body)
+        request = ExportTraceServiceRequest()
+        request.ParseFromString(body)
+        with lock:
+            got.requests += 1
+            for rs in request.resource_spans:
+                got.resources.append(attributes(rs.resource))
+                for ss in rs.scope_spans:
+                    got.spans.extend(ss.spans)
+        reply = ExportTraceServiceResponse().SerializeToString()
+        return 200, {"Content-Type": "application/x-protobuf"}, reply
 
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", got
-    finally:
-        server.shutdown()
-        server.server_close()
+    with loopback_http(handle) as url:
+        yield url, got

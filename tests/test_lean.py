@@ -16,12 +16,8 @@ import json
 import socket
 import subprocess
 import sys
-import threading
 import time
-import urllib.request
-from collections import deque
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -30,101 +26,17 @@ import pytest
 from agents.llm import LLMPeer
 from agents.models import LiteLLMModel, classify, litellm, retry_after
 from tests.conftest import serving
+from tests.scripted_http import ScriptedHTTP, ServerProcess, server_process
 
 pytestmark = pytest.mark.anyio
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-class Scripted:
-    """An HTTP server answering chat requests in one provider's dialect, from a script.
-
-    Records every request (path, headers, JSON body); answers 200 with an echo unless a
-    scripted (status, body, headers) is queued.
-    """
-
-    def __init__(self, dialect: str) -> None:
-        self.dialect = dialect
-        self.script: deque[tuple[int, dict[str, Any], dict[str, str]]] = deque()
-        self.requests: list[tuple[str, dict[str, str], dict[str, Any]]] = []
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                headers = {k.lower(): v for k, v in self.headers.items()}
-                server.requests.append((self.path, headers, body))
-                status, payload, extra = (
-                    server.script.popleft() if server.script else (200, server.answer(body), {})
-                )
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                for k, v in extra.items():
-                    self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.http.daemon_threads = True
-        self.thread = threading.Thread(target=self.http.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.http.server_address[1]}"
-
-    def answer(self, body: dict[str, Any]) -> dict[str, Any]:
-        last = body["messages"][-1]["content"]
-        if isinstance(last, list):
-            last = "".join(p.get("text", "") for p in last)
-        text = f"echo: {last}"
-        if self.dialect == "anthropic":
-            return {
-                "id": "msg_stub",
-                "type": "message",
-                "role": "assistant",
-                "model": body["model"],
-                "content": [{"type": "text", "text": text}],
-                "stop_reason": "end_turn",
-                "stop_sequence": None,
-                "usage": {"input_tokens": 1200, "output_tokens": 80},
-            }
-        return {
-            "id": "chatcmpl-stub",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": body["model"],
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": text},
-                    "finish_reason": "stop",
-                }
-            ],
-            "usage": {"prompt_tokens": 1200, "completion_tokens": 80, "total_tokens": 1280},
-        }
-
-    def fail(self, status: int, message: str, kind: str, **headers: str) -> None:
-        if self.dialect == "anthropic":
-            body = {"type": "error", "error": {"type": kind, "message": message}}
-        else:
-            body = {"error": {"message": message, "type": kind, "code": kind}}
-        self.script.append((status, body, headers))
-
-
 @pytest.fixture
-def scripted(request) -> Iterator[Scripted]:
-    s = Scripted(getattr(request, "param", "openai"))
-    s.thread.start()
-    yield s
-    s.http.shutdown()
-    s.http.server_close()
+def scripted() -> Iterator[ScriptedHTTP]:
+    with ScriptedHTTP() as server:
+        yield server
 
 
 # provider -> (model string, dialect, the api_base to give, price known to litellm)
@@ -171,9 +83,7 @@ ASK = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "h
 @pytest.mark.parametrize("provider", list(PROVIDERS))
 async def test_same_request_text_tokens_and_cost_on_both_paths(provider):
     model, dialect, suffix = PROVIDERS[provider]
-    server = Scripted(dialect)
-    server.thread.start()
-    try:
+    with ScriptedHTTP() as server:
         lean, full = both(model, server.url + suffix, extra_headers={"X-Council": "yes"})
         params = {"max_tokens": 50, "temperature": 0.2, "stop": ["\n\n"]}
         try:
@@ -181,9 +91,6 @@ async def test_same_request_text_tokens_and_cost_on_both_paths(provider):
             got_full = await full.complete(ASK, **params)
         finally:
             await lean.aclose()
-    finally:
-        server.http.shutdown()
-        server.http.server_close()
     assert got_lean == got_full
     assert got_lean.text == "echo: hello there"
     assert (got_lean.input_tokens, got_lean.output_tokens) == (1200, 80)
@@ -239,23 +146,18 @@ FAILURES = {
 @pytest.mark.parametrize("provider", list(PROVIDERS))
 @pytest.mark.parametrize("failure", list(FAILURES))
 async def test_failures_are_the_same_litellm_errors_on_both_paths(provider, failure):
-    model, dialect, suffix = PROVIDERS[provider]
+    model, _, suffix = PROVIDERS[provider]
     status, message, kind, headers = FAILURES[failure]
-    server = Scripted(dialect)
-    server.thread.start()
     errors = []
-    try:
+    with ScriptedHTTP() as server:
         for m in both(model, server.url + suffix):
-            server.fail(status, message, kind, **headers)
+            server.fail(status, message, kind, code=kind, **headers)
             try:
                 with pytest.raises(Exception) as caught:
                     await m.complete(ASK)
             finally:
                 await m.aclose()
             errors.append(caught.value)
-    finally:
-        server.http.shutdown()
-        server.http.server_close()
     lean_error, full_error = errors
     assert type(lean_error) is type(full_error)
     assert type(lean_error).__module__.startswith("litellm")
@@ -324,9 +226,7 @@ async def test_refused_connection_is_the_same_error_on_both_paths(provider):
     ],
 )
 async def test_keys_and_bases_come_from_the_providers_environment(monkeypatch, model, env, auth):
-    server = Scripted("anthropic" if auth == "x-api-key" else "openai")
-    server.thread.start()
-    try:
+    with ScriptedHTTP() as server:
         for k, v in env.items():
             monkeypatch.setenv(k, v.format(url=server.url))
         lean = LiteLLMModel(model)
@@ -334,9 +234,6 @@ async def test_keys_and_bases_come_from_the_providers_environment(monkeypatch, m
         assert lean.path == "lean"
         a, b = await lean.complete(ASK), await full.complete(ASK)
         await lean.aclose()
-    finally:
-        server.http.shutdown()
-        server.http.server_close()
     assert a.text == b.text == "echo: hello there"
     (_, head_l, body_l), (_, head_f, body_f) = server.requests
     assert body_l == body_f
@@ -346,8 +243,8 @@ async def test_keys_and_bases_come_from_the_providers_environment(monkeypatch, m
         assert head_l["x-api-key"] == head_f["x-api-key"] == "sk-env"
 
 
-@pytest.mark.parametrize("scripted", ["openai", "anthropic"], indirect=True)
-async def test_response_format_goes_through_the_providers_mapping(scripted):
+@pytest.mark.parametrize("dialect", ["openai", "anthropic"])
+async def test_response_format_goes_through_the_providers_mapping(scripted, dialect):
     """Typed outputs send a JSON schema; each provider's config maps it as litellm would."""
     schema = {
         "type": "json_schema",
@@ -360,7 +257,7 @@ async def test_response_format_goes_through_the_providers_mapping(scripted):
             },
         },
     }
-    if scripted.dialect == "anthropic":
+    if dialect == "anthropic":
         model, base = "anthropic/claude-haiku-4-5-20251001", scripted.url
     else:
         model, base = "hosted_vllm/m", scripted.url + "/v1"
@@ -370,7 +267,7 @@ async def test_response_format_goes_through_the_providers_mapping(scripted):
     await lean.aclose()
     (_, _, body_l), (_, _, body_f) = scripted.requests
     assert body_l == body_f
-    if scripted.dialect == "openai":
+    if dialect == "openai":
         assert body_l["response_format"] == schema
     else:  # Anthropic has no response_format: litellm sends it as its structured-output form
         assert body_l != {k: v for k, v in body_l.items() if k not in ("tools", "output_format")}
@@ -501,26 +398,11 @@ async def test_a_proxy_from_the_environment_is_used_on_both_paths(scripted, monk
 # -- no full garbage collection inside a fan-out ----------------------------------------------
 
 
-def _served(url: str) -> dict[str, Any]:
-    with urllib.request.urlopen(url, timeout=10) as r:
-        return json.loads(r.read())
-
-
 @pytest.fixture
-def openai_stub() -> Iterator[str]:
+def openai_stub() -> Iterator[ServerProcess]:
     """benchmarks/openai_stub.py: an asyncio OpenAI-compatible server that counts what it served."""
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "benchmarks" / "openai_stub.py")],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        line = proc.stdout.readline() if proc.stdout else ""
-        assert line.startswith("READY "), line
-        yield f"http://127.0.0.1:{int(line.split()[1])}"
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    with server_process(sys.executable, str(ROOT / "benchmarks" / "openai_stub.py")) as stub:
+        yield stub
 
 
 async def test_no_full_collection_inside_a_5000_call_fan_out(nats_server, session_id, openai_stub):
@@ -533,7 +415,7 @@ async def test_no_full_collection_inside_a_5000_call_fan_out(nats_server, sessio
     n = 5000
     model = LiteLLMModel(
         "openai/sub",
-        api_base=f"{openai_stub}/floor/{n}/gc-{session_id}/v1",
+        api_base=f"{openai_stub.url}/floor/{n}/gc-{session_id}/v1",
         api_key="stub",
         input_cost_per_token=1e-7,
         output_cost_per_token=4e-7,
@@ -563,5 +445,5 @@ async def test_no_full_collection_inside_a_5000_call_fan_out(nats_server, sessio
         finally:
             gc.callbacks.remove(watch)
     assert answers == ["ok done"] * n
-    assert (await asyncio.to_thread(_served, f"{openai_stub}/stats/gc-{session_id}"))["sub"] == n
+    assert (await asyncio.to_thread(openai_stub.get, f"/stats/gc-{session_id}"))["sub"] == n
     assert full == [], f"full collections inside the fan-out, ms each: {full}"

@@ -11,11 +11,8 @@ import json
 import subprocess
 import sys
 import textwrap
-import threading
 import time
-from collections import deque
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -38,88 +35,18 @@ from channels import subjects
 from channels.errors import BadRequest, BudgetExhausted, PeerError, Unavailable
 from channels.messages import Budget, Completion, Ref, decode
 from tests.conftest import serving
+from tests.scripted_http import ScriptedHTTP
 
 pytestmark = pytest.mark.anyio
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-# -- a real OpenAI-compatible server on loopback ---------------------------------------------
-
-
-class StubOpenAI:
-    """Answers /v1/chat/completions from a queue of (status, body, headers); records requests."""
-
-    def __init__(self) -> None:
-        self.script: deque[tuple[int, dict[str, Any], dict[str, str]]] = deque()
-        self.requests: list[dict[str, Any]] = []
-        self.usage = (1000, 100)
-        stub = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                stub.requests.append(body)
-                status, payload, headers = (
-                    stub.script.popleft() if stub.script else (200, stub.answer(body), {})
-                )
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                for k, v in headers.items():
-                    self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    @property
-    def api_base(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-
-    def answer(self, body: dict[str, Any], text: str | None = None) -> dict[str, Any]:
-        last = body["messages"][-1]["content"]
-        prompt, completion = self.usage
-        return {
-            "id": "chatcmpl-stub",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": body["model"],
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": text or f"echo: {last}"},
-                    "finish_reason": "stop",
-                }
-            ],
-            "usage": {
-                "prompt_tokens": prompt,
-                "completion_tokens": completion,
-                "total_tokens": prompt + completion,
-            },
-        }
-
-    def fail(self, status: int, message: str, code: str | None = None, **headers: str) -> None:
-        kind = {429: "requests", 400: "invalid_request_error"}.get(status, "server_error")
-        error = {"message": message, "type": kind, "code": code}
-        self.script.append((status, {"error": error}, headers))
-
-
 @pytest.fixture
-def stub() -> Iterator[StubOpenAI]:
-    s = StubOpenAI()
-    s.thread.start()
-    yield s
-    s.server.shutdown()
-    s.server.server_close()
-
-
-# -- helpers -----------------------------------------------------------------------------------
+def stub() -> Iterator[ScriptedHTTP]:
+    """A real OpenAI-compatible server on loopback (tests/scripted_http.py)."""
+    with ScriptedHTTP(usage=(1000, 100)) as server:
+        yield server
 
 
 # -- answers, usage, cost ----------------------------------------------------------------------

@@ -27,7 +27,7 @@ from council.declare import Agent, Council, Function, load_target
 from council.mcp import MCP
 from council.session import Session, serve
 from council.trace import build
-from tests.conftest import pid_alive, serving
+from tests.conftest import pid_alive, serving, serving_elsewhere
 
 pytest.importorskip("mcp", reason="MCP peers need the `mcp` extra")
 pytestmark = pytest.mark.anyio
@@ -289,43 +289,20 @@ async def test_an_mcp_peer_served_by_another_process(tmp_path):
     session = "mcp" + os.urandom(4).hex()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
     seen: list[Any] = []
-    with running_server() as server:
-        other = subprocess.Popen(  # noqa: ASYNC220 (started once, before any awaiting)
-            [
-                sys.executable,
-                "-m",
-                "council.cli",
-                "serve",
-                f"{file}:council",
-                "--peer",
-                "notes",
-                "--nats",
-                server.url,
-                "--session",
-                session,
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-            cwd=ROOT,
-        )
-        try:
-            line = other.stdout.readline()
-            assert "serving" in line, other.stderr.read() if other.poll() is not None else line
-            code = '```python\nFINAL(notes("add", a=1, b=1))\n```'
-            async with Session(
-                council,
-                nats_url=server.url,
-                session=session,
-                local=["chair"],
-                models={"thinker": chair_model(seen, code)},
-            ) as s:
-                assert "notes" not in s.peers  # served by the other process
-                result = await s.ask("add", timeout=120)
-        finally:
-            other.terminate()
-            other.wait(timeout=20)
+    with (
+        running_server() as server,
+        serving_elsewhere(f"{file}:council", "notes", server.url, session, env=env),
+    ):
+        code = '```python\nFINAL(notes("add", a=1, b=1))\n```'
+        async with Session(
+            council,
+            nats_url=server.url,
+            session=session,
+            local=["chair"],
+            models={"thinker": chair_model(seen, code)},
+        ) as s:
+            assert "notes" not in s.peers  # served by the other process
+            result = await s.ask("add", timeout=120)
     assert result.value == 2
     # The tools were learnt over the bus from the other process, before the agent was built.
     assert 'notes("add", ...) with (a: int, b: int = 2) -> int' in seen[0][0]["content"]

@@ -4,19 +4,20 @@ SIGKILL, `council resume`, a scripted OpenAI-compatible HTTP server that counts.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
 import subprocess
 import sys
 import time
-import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 
 from council.cassette import Cassette, CassetteTruncated
+from tests.scripted_http import ServerProcess, server_process
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
@@ -36,40 +37,19 @@ council = Council(
 """
 
 
-class Stub:
-    def __init__(self, delay: float) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, str(HERE / "counting_stub.py"), str(N), str(delay)],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        line = self.proc.stdout.readline()  # type: ignore[union-attr]
-        assert line.startswith("READY"), line
-        self.url = f"http://127.0.0.1:{int(line.split()[1])}"
-
-    def stats(self) -> dict:
-        with urllib.request.urlopen(self.url + "/stats", timeout=10) as r:
-            return json.loads(r.read())
-
-    def close(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
-
-
 @pytest.fixture
-def stubs():
-    made: list[Stub] = []
+def stubs() -> Iterator[Callable[[float], ServerProcess]]:
+    """tests/counting_stub.py processes, answering each sub-call after the delay given."""
+    with ExitStack() as stack:
 
-    def make(delay: float) -> Stub:
-        made.append(Stub(delay))
-        return made[-1]
+        def make(delay: float) -> ServerProcess:
+            argv = (sys.executable, str(HERE / "counting_stub.py"), str(N), str(delay))
+            return stack.enter_context(server_process(*argv))
 
-    yield make
-    for s in made:
-        s.close()
+        yield make
 
 
-def _env(stub: Stub, tmp_path: Path) -> dict[str, str]:
+def _env(stub: ServerProcess, tmp_path: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         OPENAI_API_BASE=stub.url + "/v1",
@@ -129,7 +109,7 @@ def test_a_killed_run_resumes_with_the_same_answer_asking_only_the_calls_in_flig
     assert done.returncode == 0, done.stderr[-3000:]
     expected = done.stdout.strip()
     assert expected.startswith("total ") and expected.endswith(f"over {N}"), expected
-    assert whole.stats()["sub"] == N
+    assert whole.get("/stats")["sub"] == N
 
     # The same run, its runner SIGKILLed after about 600 answers.
     cassette = tmp_path / "cut.jsonl"
@@ -141,13 +121,13 @@ def test_a_killed_run_resumes_with_the_same_answer_asking_only_the_calls_in_flig
         text=True,
     )
     deadline = time.monotonic() + 300
-    while cut.stats()["sub"] < 600:
+    while cut.get("/stats")["sub"] < 600:
         assert runner.poll() is None, runner.communicate()[1][-3000:]
         assert time.monotonic() < deadline, "the run never got to 600 model calls"
         time.sleep(0.01)
     runner.send_signal(signal.SIGKILL)
     runner.communicate()
-    killed = cut.stats()
+    killed = cut.get("/stats")
     assert 600 <= killed["sub"] < N, killed
 
     with pytest.raises(CassetteTruncated):
@@ -165,7 +145,7 @@ def test_a_killed_run_resumes_with_the_same_answer_asking_only_the_calls_in_flig
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert resumed.stdout.strip() == expected
-    after = cut.stats()
+    after = cut.get("/stats")
     asked_twice = after["repeated"]
     print(
         f"\nresume: killed after {killed['sub']} model calls, {answered} answers recorded; "
@@ -197,7 +177,7 @@ def test_a_killed_run_resumes_with_the_same_answer_asking_only_the_calls_in_flig
     )
     assert replayed.returncode == 0, replayed.stderr[-3000:]
     assert replayed.stdout.strip() == expected
-    assert cut.stats()["sub"] == after["sub"]  # no model asked by the replay
+    assert cut.get("/stats")["sub"] == after["sub"]  # no model asked by the replay
     trace = subprocess.run(
         _cli("trace", str(cassette)), capture_output=True, text=True, env=_env(cut, tmp_path)
     )

@@ -17,7 +17,7 @@ from channels.messages import Call
 from council.cassette import Cassette
 from council.record import Recorder
 from council.replay import Replayer
-from tests.test_resume import Stub, stubs  # noqa: F401  (fixture)
+from tests.test_resume import stubs  # noqa: F401  (fixture)
 
 ROOT = Path(__file__).parent.parent
 
@@ -87,8 +87,8 @@ def test_no_credential_in_cassette_trace_page_or_logs_and_the_replay_still_match
     assert done.returncode == 0, done.stderr[-3000:]
     answer = done.stdout.strip()
     # the model was called with the real key: masking is for what is written down only
-    assert f"Bearer {API_KEY}" in stub.stats()["auth"]
-    assert stub.stats()["sub"] == 1
+    assert f"Bearer {API_KEY}" in stub.get("/stats")["auth"]
+    assert stub.get("/stats")["sub"] == 1
 
     recorded = cassette.read_text()
     assert _leaks(recorded) == []
@@ -127,7 +127,7 @@ def test_no_credential_in_cassette_trace_page_or_logs_and_the_replay_still_match
     )
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.strip() == answer
-    assert stub.stats()["sub"] == 1
+    assert stub.get("/stats")["sub"] == 1
     assert _leaks(again.stderr) == []
 
 

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from contextlib import ExitStack
 from functools import partial
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from channels.server import running_server
 from council.cli import main
 from council.declare import Agent, Council, load_target
 from council.session import PeerUnavailable, Session, children, run
-from tests.conftest import pid_alive
+from tests.conftest import pid_alive, serving_elsewhere
 
 pytestmark = pytest.mark.anyio
 
@@ -196,63 +197,45 @@ async def test_three_processes_give_the_same_answer_as_one(
 
     rights = permissions.Rights.load(machine("admin", "chair", "ada", "ada-desk"))
     assert not rights.holds("critic_a")
-    with running_server(config_extra=block) as server:
+    with running_server(config_extra=block) as server, ExitStack() as elsewhere:
         procs = [
-            subprocess.Popen(  # noqa: ASYNC220 (started once, before any awaiting)
-                [
-                    sys.executable,
-                    "-m",
-                    "council.cli",
-                    "serve",
+            elsewhere.enter_context(
+                serving_elsewhere(
                     f"{council_file}:council",
-                    "--peer",
                     name,
-                    "--nats",
                     server.url,
-                    "--session",
                     session_id,
                     "--rights",
                     str(machine(name)),
-                ],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-                env=_env(clean_env),
-                cwd=ROOT,
+                    env=_env(clean_env),
+                )
             )
             for name in ("critic_a", "critic_b")
         ]
-        try:
-            for p in procs:
-                line = p.stdout.readline()
-                assert "serving" in line, p.stderr.read() if p.poll() is not None else line
-            async with Session(
-                council,
-                nats_url=server.url,
-                rights=rights,
-                local=["chair", "ada"],
-                humans={"ada": ScriptedHuman("ada", ["publish it"])},
-            ) as s:
-                assert s.session == session_id
-                assert set(s.peers) == {"chair", "ada"}  # the critics answer from elsewhere
-                across = (await s.ask(DRAFT, timeout=30)).value
-                # The server holds the remote peers to their edges too.
-                with pytest.raises(PermissionDenied):
-                    bus = await Bus.connect(
-                        server.url,
-                        session=session_id,
-                        name="critic_a",
-                        user=full.credentials("critic_a")[0],
-                        password=full.credentials("critic_a")[1],
-                    )
-                    try:
-                        await bus.call("critic_b", "x", timeout=30)
-                    finally:
-                        await bus.close()
-        finally:
-            for p in procs:
-                p.send_signal(signal.SIGTERM)
-            codes = [p.wait(timeout=20) for p in procs]
+        async with Session(
+            council,
+            nats_url=server.url,
+            rights=rights,
+            local=["chair", "ada"],
+            humans={"ada": ScriptedHuman("ada", ["publish it"])},
+        ) as s:
+            assert s.session == session_id
+            assert set(s.peers) == {"chair", "ada"}  # the critics answer from elsewhere
+            across = (await s.ask(DRAFT, timeout=30)).value
+            # The server holds the remote peers to their edges too.
+            with pytest.raises(PermissionDenied):
+                bus = await Bus.connect(
+                    server.url,
+                    session=session_id,
+                    name="critic_a",
+                    user=full.credentials("critic_a")[0],
+                    password=full.credentials("critic_a")[1],
+                )
+                try:
+                    await bus.call("critic_b", "x", timeout=30)
+                finally:
+                    await bus.close()
+    codes = [p.returncode for p in procs]  # stopped with SIGTERM as the block ended
     assert across == in_process == EXPECTED
     assert codes == [0, 0]  # SIGTERM is an orderly stop
 

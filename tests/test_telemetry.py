@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
@@ -19,12 +18,12 @@ from council.declare import load_target
 from council.session import Session
 from council.telemetry import span_id, trace_id, wanted
 from council.trace import build
+from tests.conftest import serving_elsewhere
 from tests.otlp_receiver import attributes, otlp_receiver
 
 pytest.importorskip("opentelemetry.sdk", reason="telemetry needs the `otel` extra")
 pytestmark = pytest.mark.anyio
 
-ROOT = Path(__file__).resolve().parent.parent
 
 COUNCIL = '''
 """A chair (an RLM agent, process A) asks a critic (a function, process B) which asks a
@@ -86,44 +85,22 @@ async def test_a_two_process_council_is_one_trace_shaped_like_council_trace(tmp_
     cassette = tmp_path / "crossing.jsonl"
     session = "tel" + os.urandom(4).hex()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "OTEL_"))}
-    with otlp_receiver() as (url, got), running_server() as server:
-        other = subprocess.Popen(  # noqa: ASYNC220 (started once, before any awaiting)
-            [
-                sys.executable,
-                "-m",
-                "council.cli",
-                "serve",
-                f"{file}:council",
-                "--peer",
-                "critic",
-                "--nats",
-                server.url,
-                "--session",
-                session,
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-            cwd=ROOT,
-        )
-        try:
-            line = other.stdout.readline()
-            assert "serving" in line, other.stderr.read() if other.poll() is not None else line
-            model = ScriptedModel([CHAIR], name="thinker", usage=(90, 12), cost=0.001)
-            async with Session(
-                council,
-                nats_url=server.url,
-                session=session,
-                local=["chair", "counter"],
-                models={"thinker": model},
-                record=cassette,
-                telemetry=url,
-            ) as s:
-                result = await s.ask("review", context="three small words", timeout=60)
-        finally:
-            other.terminate()
-            other.wait(timeout=20)
+    with (
+        otlp_receiver() as (url, got),
+        running_server() as server,
+        serving_elsewhere(f"{file}:council", "critic", server.url, session, env=env),
+    ):
+        model = ScriptedModel([CHAIR], name="thinker", usage=(90, 12), cost=0.001)
+        async with Session(
+            council,
+            nats_url=server.url,
+            session=session,
+            local=["chair", "counter"],
+            models={"thinker": model},
+            record=cassette,
+            telemetry=url,
+        ) as s:
+            result = await s.ask("review", context="three small words", timeout=60)
     assert result.value == "check: 3 words, fine"
 
     trace = build(Cassette.load(cassette))

@@ -34,7 +34,7 @@ from council import (
     ScriptedModel as ExportedScriptedModel,
 )
 from tests.conftest import serving
-from tests.test_llm import StubOpenAI
+from tests.scripted_http import ScriptedHTTP
 
 pytestmark = pytest.mark.anyio
 
@@ -154,21 +154,15 @@ async def test_an_llm_peer_that_never_fits_fails_typed(nats_server, session_id):
 
 
 async def test_response_format_reaches_an_openai_server_through_litellm(nats_server, session_id):
-    stub = StubOpenAI()
-    stub.thread.start()
-    try:
-        body = json.dumps({"value": [1, 2, 3]})
-        stub.answer = lambda request, text=None: StubOpenAI.answer(stub, request, body)  # type: ignore[method-assign]
+    with ScriptedHTTP() as stub:
+        stub.say(json.dumps({"value": [1, 2, 3]}))
         model = LiteLLMModel("openai/typed-stub", api_base=stub.api_base, api_key="sk-test")
         async with serving(
             nats_server.url, session_id, LLMPeer("nums", model, output=list[int])
         ) as client:
             reply = await client.call("nums", "three numbers", timeout=60)
-    finally:
-        stub.server.shutdown()
-        stub.server.server_close()
     assert reply.value == [1, 2, 3]
-    sent = stub.requests[0]["response_format"]
+    sent = stub.requests[0].body["response_format"]
     assert sent["type"] == "json_schema"
     assert sent["json_schema"]["schema"]["properties"]["value"] == {
         "items": {"type": "integer"},
