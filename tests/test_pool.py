@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -15,11 +14,9 @@ from agents.limits import Limits
 from agents.llm import LLMPeer
 from agents.models import FunctionModel
 from agents.rlm import RLMAgent
-from tests.conftest import serving
+from tests.conftest import serving, serving_elsewhere
 
 pytestmark = pytest.mark.anyio
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def code(body: str) -> str:
@@ -207,8 +204,6 @@ async def test_one_agent_served_by_two_processes_keeps_each_request_in_its_own_w
     """Both processes' workers may take the same REPL name; each answers only the calls of
     the agent that started it, so no request runs in, or reads, another's namespace."""
     import runpy
-    import subprocess
-    import sys
 
     from channels.server import running_server
     from council.declare import load_target
@@ -219,45 +214,28 @@ async def test_one_agent_served_by_two_processes_keeps_each_request_in_its_own_w
     council = load_target(f"{file}:council")
     models = runpy.run_path(str(file))["models"]
     session = "two" + os.urandom(4).hex()
-    root = ROOT
-    with running_server() as server:
-        other = subprocess.Popen(  # noqa: ASYNC220 (started once, before any awaiting)
-            [
-                sys.executable,
-                "-m",
-                "council.cli",
-                "serve",
-                f"{file}:council",
-                "--peer",
-                "chair",
-                "--models",
-                f"{file}:models",
-                "--nats",
-                server.url,
-                "--session",
-                session,
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=root,
-        )
-        try:
-            line = other.stdout.readline()  # type: ignore[union-attr]
-            assert "serving" in line, other.stderr.read() if other.poll() is not None else line  # type: ignore[union-attr]
-            async with Session(
-                council, nats_url=server.url, session=session, local=["chair"], models=models
-            ) as s:
-                answers: dict[int, Any] = {}
+    with (
+        running_server() as server,
+        serving_elsewhere(
+            f"{file}:council",
+            "chair",
+            server.url,
+            session,
+            "--models",
+            f"{file}:models",
+            env=dict(os.environ),
+        ),
+    ):
+        async with Session(
+            council, nats_url=server.url, session=session, local=["chair"], models=models
+        ) as s:
+            answers: dict[int, Any] = {}
 
-                async def ask(i: int) -> None:
-                    answers[i] = (await s.ask("echo", context=f"request {i}", timeout=90)).value
+            async def ask(i: int) -> None:
+                answers[i] = (await s.ask("echo", context=f"request {i}", timeout=90)).value
 
-                with anyio.fail_after(120):
-                    async with anyio.create_task_group() as tg:
-                        for i in range(16):
-                            tg.start_soon(ask, i)
-        finally:
-            other.terminate()
-            other.wait(timeout=20)
+            with anyio.fail_after(120):
+                async with anyio.create_task_group() as tg:
+                    for i in range(16):
+                        tg.start_soon(ask, i)
     assert answers == {i: f"request {i}" for i in range(16)}
