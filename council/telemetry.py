@@ -155,6 +155,9 @@ class SpanMaker:
         self.models: dict[str, ModelTokens] = {}
         self.questions: set[str] = set()
         self.waiting: dict[str, tuple[CallStarted, CallEnded | Failed]] = {}  # REPL calls
+        # Model calls whose answer came before their tokens: the two travel on different
+        # subscriptions, which nats-py hands over in no fixed order.
+        self.tokens_due: dict[str, tuple[CallStarted, CallEnded]] = {}
         self.spans = 0
 
     def on(self, event: _AppEvent) -> None:
@@ -162,14 +165,23 @@ class SpanMaker:
             self.started[event.call or ""] = event
         elif isinstance(event, ModelTokens) and event.call:
             self.models[event.call] = event
+            if event.call in self.tokens_due:
+                self._span(*self.tokens_due.pop(event.call))
         elif isinstance(event, HumanQuestion) and event.call:
             self.questions.add(event.call)
         elif isinstance(event, CallEnded | Failed):
             start = self.started.pop(event.call or "", None)
             if start is None:
                 return  # began before the listener did
+            call = start.call or ""
             if start.callee_kind == "repl" and start.op == "exec":
-                self.waiting[start.call or ""] = (start, event)
+                self.waiting[call] = (start, event)
+            elif (
+                isinstance(event, CallEnded)
+                and start.callee_kind in ("model", "llm")
+                and call not in self.models
+            ):
+                self.tokens_due[call] = (start, event)
             else:
                 self._span(start, event)
         elif isinstance(event, ReplOutput) and event.call in self.waiting:
@@ -180,9 +192,10 @@ class SpanMaker:
 
     def close(self) -> None:
         """End what is left (calls with no answer are `unfinished`) and export everything."""
-        for start, end in list(self.waiting.values()):
+        for start, end in [*self.waiting.values(), *self.tokens_due.values()]:
             self._span(start, end)
         self.waiting.clear()
+        self.tokens_due.clear()
         for start in list(self.started.values()):
             self._span(start, None)
         self.started.clear()

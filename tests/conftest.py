@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -113,10 +114,17 @@ def serving_elsewhere(
         env=env,
         cwd=ROOT,
     )
+    said: list[str] = []
     try:
         line = proc.stdout.readline() if proc.stdout else ""
         assert "serving" in line, proc.stderr.read() if proc.poll() is not None else line
+        # Read its stderr from now on: a pipe nobody reads blocks a chatty process.
+        assert proc.stderr is not None
+        threading.Thread(target=lambda: said.extend(proc.stderr), daemon=True).start()
         yield proc
+    except BaseException:
+        print(f"council serve --peer {peer} said:\n{''.join(said)[-4000:]}")  # shown on failure
+        raise
     finally:
         proc.terminate()
         proc.wait(timeout=20)

@@ -13,6 +13,7 @@ import pytest
 from agents.human import ScriptedHuman
 from agents.models import FunctionModel, ScriptedModel
 from channels import subjects
+from channels.natsio import settle
 from council.declare import LLM, Agent, Council, Function, Human
 from council.events import (
     EVENT,
@@ -178,7 +179,7 @@ async def test_closing_the_stream_keeps_what_the_server_already_sent_it():
                 i,
             )
             await s.client.nc.publish(subjects.event(s.session, "chair", "tick"), raw)
-        await s.client.nc.flush()  # the server has routed all n to the listener
+        await settle(s.client.nc)  # the server has routed all n to the listener
         await events.aclose()  # at once: most are still on the wire or in nats-py's queue
         got = [e async for e in events]
     assert [e.data["n"] for e in got] == list(range(n))

@@ -235,3 +235,31 @@ async def test_human_questions_llm_peers_and_failures_are_spans():
     assert failed.status.code == failed.status.STATUS_CODE_ERROR
     assert failed.status.message.startswith("peer_error: ")
     assert attributes(failed)["council.failure.kind"] == "peer_error"
+
+
+@pytest.mark.parametrize("tokens_first", [True, False])
+def test_a_model_calls_tokens_reach_its_span_whichever_arrives_first(tokens_first):
+    """The answer and the completion event travel on different subscriptions; nats-py hands
+    them over in no fixed order, and the span must carry the tokens either way."""
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from council.events import CallEnded, CallStarted, ModelTokens
+    from council.telemetry import SpanMaker
+
+    exporter = InMemorySpanExporter()
+    maker = SpanMaker(exporter, "s1")
+    call = "ab" * 16
+    maker.on(CallStarted(session="s1", ts=1.0, call=call, root=call, caller="chair",
+                         callee="helper", callee_kind="llm", prompt="sum up"))  # fmt: skip
+    tokens = ModelTokens(session="s1", ts=1.1, call=call, peer="helper", model="m1",
+                         input_tokens=12, output_tokens=5)  # fmt: skip
+    ended = CallEnded(session="s1", ts=1.2, call=call, caller="chair", callee="helper",
+                      value="short")  # fmt: skip
+    for event in [tokens, ended] if tokens_first else [ended, tokens]:
+        maker.on(event)
+    assert maker.spans == 1  # made once both are in, not at the end of the session
+    maker.close()
+    (span,) = exporter.get_finished_spans()
+    assert span.attributes["gen_ai.usage.output_tokens"] == 5
+    assert span.attributes["gen_ai.request.model"] == "m1"
+    assert span.attributes["council.status"] == "ok"
