@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
@@ -38,21 +38,10 @@ from council.declare import LLM, Agent, Council
 from council.events import CallStarted, Translator
 from council.progress import watch
 from council.session import Session
+from tests.test_repl import serving
 from tests.test_session_replay import tree
 
 pytestmark = pytest.mark.anyio
-
-
-@asynccontextmanager
-async def serving(
-    bus: Bus, name: str, handler: Callable[[Call], Awaitable[Any]], concurrency: int = 2000
-) -> AsyncIterator[None]:
-    async with anyio.create_task_group() as tg:
-        await tg.start(partial(bus.serve, name, handler, concurrency=concurrency))
-        try:
-            yield
-        finally:
-            tg.cancel_scope.cancel()
 
 
 class Wire:

@@ -239,3 +239,31 @@ async def test_one_agent_served_by_two_processes_keeps_each_request_in_its_own_w
                     for i in range(16):
                         tg.start_soon(ask, i)
     assert answers == {i: f"request {i}" for i in range(16)}
+
+
+async def test_warm_workers_serve_again_after_the_server_restarts(own_server, session_id):
+    """A server restart while workers wait in the pool: they reconnect and serve the next
+    request; none is booted in its place."""
+    from channels.errors import CallFailed
+
+    agent = RLMAgent("root")  # sandboxed, as by default
+    model = FunctionModel(lambda m, **_: code("FINAL(context.upper())"))
+    async with serving(own_server.url, session_id, agent, LLMPeer("root-model", model)) as c:
+        with anyio.fail_after(30):
+            await agent.warm()
+        pool = agent._pool
+        assert pool is not None
+        assert (await c.call("root", "up", context="before", timeout=60)).value == "BEFORE"
+        with anyio.fail_after(60):
+            await agent.warm()  # the replacement is up: it waits through the restart
+        boots = pool.boots
+        own_server.restart()
+        with anyio.fail_after(60):
+            while True:
+                try:
+                    reply = await c.call("root", "up", context="after", timeout=20)
+                    break
+                except CallFailed:  # the server is still coming back
+                    await anyio.sleep(0.2)
+        assert reply.value == "AFTER"
+        assert pool.cold == 0 and pool.boots == boots  # the warm worker answered
