@@ -45,7 +45,7 @@ async def handler(call):
         end = time.perf_counter() + call.args["spin"]
         while time.perf_counter() < end:
             pass
-    os.write(log, b"done %d\n" % i)
+    os.write(log, b"done %d %.6f\n" % (i, time.monotonic()))
     return {"i": i, "pid": os.getpid()}
 
 async def main():
@@ -88,6 +88,14 @@ class Served:
             for line in _read(self.logs[k]).splitlines()
             if line.startswith(prefix)
         ]
+
+    def finished(self, k: int) -> dict[int, float]:
+        """When each call finished in process k (`time.monotonic()`, one clock for all)."""
+        return {
+            int(line.split()[1]): float(line.split()[2])
+            for line in _read(self.logs[k]).splitlines()
+            if line.startswith(b"done ")
+        }
 
     def kill(self, k: int) -> None:
         self.procs[k].send_signal(signal.SIGKILL)
@@ -171,6 +179,7 @@ async def test_one_of_three_processes_killed_mid_fan_out_every_call_answered_onc
                 while sum(len(served.lines(k, "done")) for k in range(3)) < n // 3:
                     await anyio.sleep(0.01)
             held_when_killed = set(served.lines(0, "start")) - set(served.lines(0, "done"))
+            killed_at = time.monotonic()
             served.kill(0)
     finally:
         served.close()
@@ -189,7 +198,11 @@ async def test_one_of_three_processes_killed_mid_fan_out_every_call_answered_onc
     # left (nothing can save that answer); every such call was answered by a survivor.
     twice = set(done[0]) & (set(done[1]) | set(done[2]))
     assert all(answers[i]["pid"] != pids[0] for i in twice)
-    assert len(twice) <= 5, f"{len(twice)} calls ran twice"
+    # How many depends on how many of a wave of handlers had finished, answers not yet
+    # flushed, at the instant of the kill; but only those: none finished well before it.
+    finished = served.finished(0)
+    late = {i: round(killed_at - finished[i], 3) for i in twice}
+    assert all(ago < 1.0 for ago in late.values()), f"ran twice, finished long before: {late}"
     print(f"held by the killed process: {len(held_when_killed)}, ran twice: {len(twice)}")
 
 
